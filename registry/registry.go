@@ -1,0 +1,282 @@
+// Package registry is rollcall's user API for service registration and
+// discovery, the same over every backend.
+//
+// A server registers itself ("user.rpc is at 10.0.0.7:8080") with Register and
+// keeps the returned Registration until it exits; a supervisor keeps the
+// instance registered through lease loss, registry restarts and deletions by
+// others. A client reads the live instances with Lookup, or follows them with
+// Watch: a Watcher delivers a full snapshot first, then each change with the
+// added, changed and removed instances. While the registry is unreachable a
+// Watcher keeps the last known list and says it is stale; it never empties or
+// shrinks the list because of an error.
+//
+// Backends register a URL scheme when their package is imported:
+//
+//	import _ "github.com/rollcall-go/rollcall/backends/etcd"
+//
+//	reg, err := registry.Open(ctx, "etcd://127.0.0.1:2379/?ttl=10s")
+//
+// Backend authors implement package registry/driver and call New.
+package registry
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/rollcall-go/rollcall/registry/driver"
+)
+
+// Registrar registers instances.
+type Registrar interface {
+	// Register publishes inst and returns once it is visible to Lookup and
+	// Watch. From then on a supervisor keeps it registered until Deregister
+	// or Close. ctx bounds only the first publication.
+	Register(ctx context.Context, inst Instance) (*Registration, error)
+}
+
+// Discoverer finds instances.
+type Discoverer interface {
+	// Lookup returns the live instances of service, sorted by ID. An empty
+	// list with a nil error means the service has no instances.
+	Lookup(ctx context.Context, service string) ([]Instance, error)
+	// Watch follows the instances of service. It does not block on the
+	// network: the first Watcher.Next delivers the first snapshot. ctx bounds
+	// the watch's life as Close does.
+	Watch(ctx context.Context, service string) (*Watcher, error)
+}
+
+// Registry is a Registrar and a Discoverer over one backend. Implementations
+// returned by Open and New are safe for concurrent use.
+type Registry interface {
+	Registrar
+	Discoverer
+	// Ping checks that the registry server answers.
+	Ping(ctx context.Context) error
+	// Close deregisters what is still registered (bounded by a few seconds),
+	// stops every Watcher and releases the backend. It is idempotent; after it
+	// every method returns ErrClosed.
+	Close() error
+}
+
+// Options configure the shared layer that New puts over a backend.
+type Options struct {
+	// Logger receives the registry's log lines; slog.Default() when nil.
+	Logger *slog.Logger
+	// Backoff bounds the retry delays of re-registration and watch restarts.
+	// The zero value means 100ms to 10s, jittered.
+	Backoff Backoff
+	// CallTimeout bounds each backend call made in the background
+	// (re-registration, relist); 10s when zero.
+	CallTimeout time.Duration
+	// CloseTimeout bounds the deregistrations done by Close; 5s when zero.
+	CloseTimeout time.Duration
+}
+
+// New returns a Registry over a backend. Backend packages call it; application
+// code uses Open or a backend's own constructor.
+func New(b driver.Backend, opts *Options) Registry {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	o.Backoff = o.Backoff.withDefaults()
+	if o.CallTimeout <= 0 {
+		o.CallTimeout = 10 * time.Second
+	}
+	if o.CloseTimeout <= 0 {
+		o.CloseTimeout = 5 * time.Second
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &registry{b: b, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, regs: map[*Registration]struct{}{}, watchers: map[*Watcher]struct{}{}}
+}
+
+type registry struct {
+	b      driver.Backend
+	opts   Options
+	log    *slog.Logger
+	ctx    context.Context // canceled by Close
+	cancel context.CancelFunc
+
+	mu       sync.Mutex
+	closed   bool
+	regs     map[*Registration]struct{}
+	watchers map[*Watcher]struct{}
+	closeErr error
+	wg       sync.WaitGroup
+}
+
+var _ Registry = (*registry)(nil)
+
+func (r *registry) Register(ctx context.Context, inst Instance) (*Registration, error) {
+	inst, err := normalize(inst)
+	if err != nil {
+		return nil, opErr("register", inst.Service, err)
+	}
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil, opErr("register", inst.Service, ErrClosed)
+	}
+	r.wg.Add(1) // held until the registration is tracked or abandoned
+	r.mu.Unlock()
+	defer r.wg.Done()
+
+	pctx, stop := r.bound(ctx)
+	pub, err := r.b.Publish(pctx, driver.Instance(inst))
+	stop()
+	if err != nil {
+		return nil, opErr("register", inst.Service, err)
+	}
+	reg := newRegistration(r, inst, pub)
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		wctx, cancel := context.WithTimeout(context.Background(), r.opts.CloseTimeout)
+		defer cancel()
+		_ = pub.Withdraw(wctx)
+		return nil, opErr("register", inst.Service, ErrClosed)
+	}
+	r.regs[reg] = struct{}{}
+	r.wg.Add(1)
+	r.mu.Unlock()
+	go reg.supervise()
+	r.log.Debug("registry: registered", "instance", inst.String())
+	return reg, nil
+}
+
+// bound returns ctx, also canceled when the registry closes.
+func (r *registry) bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(r.ctx, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
+func (r *registry) forget(reg *Registration) {
+	r.mu.Lock()
+	delete(r.regs, reg)
+	r.mu.Unlock()
+}
+
+func (r *registry) Lookup(ctx context.Context, service string) ([]Instance, error) {
+	if err := ValidateServiceName(service); err != nil {
+		return nil, opErr("lookup", service, err)
+	}
+	if r.isClosed() {
+		return nil, opErr("lookup", service, ErrClosed)
+	}
+	list, err := r.b.List(ctx, service)
+	if err != nil {
+		return nil, opErr("lookup", service, err)
+	}
+	m := make(map[string]Instance, len(list))
+	for _, di := range list {
+		if in, ok := r.accept(service, di); ok {
+			m[in.ID] = in
+		}
+	}
+	return sortedValues(m), nil
+}
+
+// accept validates an instance read from the backend; bad data written by
+// others is logged and skipped.
+func (r *registry) accept(service string, di driver.Instance) (Instance, bool) {
+	in := Instance(di)
+	if in.Service != service {
+		r.log.Warn("registry: skipping instance of another service", "want", service, "got", in.Service, "id", in.ID)
+		return Instance{}, false
+	}
+	n, err := normalize(in)
+	if err != nil {
+		r.log.Warn("registry: skipping invalid instance read from the registry", "service", service, "id", in.ID, "err", err)
+		return Instance{}, false
+	}
+	return n, true
+}
+
+func (r *registry) Watch(ctx context.Context, service string) (*Watcher, error) {
+	if err := ValidateServiceName(service); err != nil {
+		return nil, opErr("watch", service, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, opErr("watch", service, ErrClosed)
+	}
+	w := newWatcher(r, service)
+	r.watchers[w] = struct{}{}
+	r.wg.Add(1)
+	go w.run(ctx)
+	return w, nil
+}
+
+func (r *registry) dropWatcher(w *Watcher) {
+	r.mu.Lock()
+	delete(r.watchers, w)
+	r.mu.Unlock()
+}
+
+func (r *registry) Ping(ctx context.Context) error {
+	if r.isClosed() {
+		return opErr("ping", "", ErrClosed)
+	}
+	if p, ok := r.b.(driver.Pinger); ok {
+		return opErr("ping", "", p.Ping(ctx))
+	}
+	_, err := r.b.List(ctx, "rollcall-ping")
+	return opErr("ping", "", err)
+}
+
+func (r *registry) isClosed() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.closed
+}
+
+func (r *registry) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	regs := make([]*Registration, 0, len(r.regs))
+	for reg := range r.regs {
+		regs = append(regs, reg)
+	}
+	ws := make([]*Watcher, 0, len(r.watchers))
+	for w := range r.watchers {
+		ws = append(ws, w)
+	}
+	r.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), r.opts.CloseTimeout)
+	defer cancel()
+	var errs []error
+	var wg sync.WaitGroup
+	var emu sync.Mutex
+	for _, reg := range regs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := reg.Deregister(ctx); err != nil && !errors.Is(err, ErrClosed) {
+				emu.Lock()
+				errs = append(errs, err)
+				emu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	for _, w := range ws {
+		w.Close()
+	}
+	r.cancel()
+	r.wg.Wait()
+	errs = append(errs, r.b.Close())
+	return errors.Join(errs...)
+}

@@ -1,0 +1,303 @@
+package registry
+
+import (
+	"context"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/rollcall-go/rollcall/registry/driver"
+)
+
+// Watcher follows the instances of one service. Its first Next delivers the
+// full list; each later Next delivers what changed since the previous one,
+// coalescing everything that happened in between. While the backend is
+// unreachable the Watcher keeps the last known list and delivers one update
+// with Stale set; it restarts the backend watch with backoff, and once the
+// backend answers again delivers only the difference. A Watcher is safe for
+// concurrent use, but updates are meant for one consumer.
+type Watcher struct {
+	r       *registry
+	service string
+	ctx     context.Context
+	cancel  context.CancelFunc
+	done    chan struct{}
+	notify  chan struct{} // capacity 1: something changed since the last Next
+
+	mu         sync.Mutex
+	known      map[string]Instance // the backend's latest view
+	dirty      map[string]struct{} // IDs changed since the last delivery
+	synced     bool                // known holds a complete list
+	stale      bool
+	err        error
+	lastStale  bool // Stale of the last delivered update
+
+	nextMu    sync.Mutex // one Next at a time; guards the fields below
+	delivered map[string]Instance
+	first     bool // the first update has been delivered
+	base      map[string]Instance
+	log       []change
+}
+
+type change struct {
+	id   string
+	inst Instance
+	del  bool
+}
+
+// Update is what Watcher.Next delivers.
+type Update struct {
+	// Added, Changed and Removed are what happened since the previous
+	// update, each sorted by ID. On the first update Added holds every
+	// instance. Removed holds the instances as last delivered.
+	Added, Changed, Removed []Instance
+	// Stale is true while the backend is unreachable: the list is the last
+	// one known, frozen, and Err says why.
+	Stale bool
+	Err   error
+	// Synced is false only on updates delivered before the first complete
+	// list arrived (a stale update with no instances, because nothing is
+	// known yet).
+	Synced bool
+
+	base map[string]Instance
+	log  []change
+}
+
+// Instances returns the complete list after this update, sorted by ID. It is
+// built on demand; the slice is the caller's.
+func (u *Update) Instances() []Instance {
+	m := maps.Clone(u.base)
+	if m == nil {
+		m = map[string]Instance{}
+	}
+	for _, c := range u.log {
+		if c.del {
+			delete(m, c.id)
+		} else {
+			m[c.id] = c.inst
+		}
+	}
+	return sortedValues(m)
+}
+
+func sortedValues(m map[string]Instance) []Instance {
+	out := make([]Instance, 0, len(m))
+	for _, in := range m {
+		out = append(out, in.Clone())
+	}
+	sortByID(out)
+	return out
+}
+
+func sortByID(s []Instance) {
+	slices.SortFunc(s, func(a, b Instance) int { return strings.Compare(a.ID, b.ID) })
+}
+
+func newWatcher(r *registry, service string) *Watcher {
+	ctx, cancel := context.WithCancel(r.ctx)
+	return &Watcher{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}), notify: make(chan struct{}, 1),
+		known: map[string]Instance{}, dirty: map[string]struct{}{}, delivered: map[string]Instance{}}
+}
+
+// Close stops the watch and waits for its goroutine. It is idempotent.
+func (w *Watcher) Close() error {
+	w.cancel()
+	<-w.done
+	return nil
+}
+
+// Done is closed when the watcher has stopped (Close, the context given to
+// Watch ended, or the registry closed).
+func (w *Watcher) Done() <-chan struct{} { return w.done }
+
+// Service returns the watched service's name.
+func (w *Watcher) Service() string { return w.service }
+
+// run owns the backend watch: it opens it, applies its events, and reopens
+// it with backoff when it fails.
+func (w *Watcher) run(parent context.Context) {
+	defer w.r.wg.Done()
+	defer close(w.done)
+	defer w.r.dropWatcher(w)
+	defer w.cancel()
+	stop := context.AfterFunc(parent, w.cancel)
+	defer stop()
+	ctx := w.ctx
+	log := w.r.log
+	for attempt := 0; ; attempt++ {
+		st, err := w.r.b.Watch(ctx, w.service)
+		if err == nil {
+			for {
+				var ev driver.Event
+				ev, err = st.Next(ctx)
+				if err != nil {
+					break
+				}
+				if ev.Reset {
+					attempt = 0
+				}
+				w.apply(ev)
+			}
+			st.Close()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		log.Warn("registry: watch failed; keeping the last known list", "service", w.service, "err", err)
+		w.setStale(err)
+		if !sleepCtx(ctx, w.r.opts.Backoff.Delay(attempt)) {
+			return
+		}
+	}
+}
+
+func (w *Watcher) wake() { w.wakeLocked() }
+
+// wakeLocked tells Next to look; it never blocks, so it may run under mu.
+func (w *Watcher) wakeLocked() {
+	select {
+	case w.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (w *Watcher) setStale(err error) {
+	w.mu.Lock()
+	w.stale, w.err = true, err
+	w.mu.Unlock()
+	w.wake()
+}
+
+// apply merges a backend event into known.
+func (w *Watcher) apply(ev driver.Event) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	set := func(id string, in Instance) {
+		if old, ok := w.known[id]; !ok || !old.Equal(in) {
+			w.known[id] = in
+			w.dirty[id] = struct{}{}
+		}
+	}
+	del := func(id string) {
+		if _, ok := w.known[id]; ok {
+			delete(w.known, id)
+			w.dirty[id] = struct{}{}
+		}
+	}
+	if ev.Reset {
+		fresh := make(map[string]Instance, len(ev.Upserts))
+		for _, di := range ev.Upserts {
+			if in, ok := w.r.accept(w.service, di); ok {
+				fresh[in.ID] = in
+			}
+		}
+		for id := range w.known {
+			if _, ok := fresh[id]; !ok {
+				del(id)
+			}
+		}
+		for id, in := range fresh {
+			set(id, in)
+		}
+		w.synced, w.stale, w.err = true, false, nil
+	} else {
+		for _, di := range ev.Upserts {
+			if in, ok := w.r.accept(w.service, di); ok {
+				set(in.ID, in)
+			} else if di.ID != "" {
+				// Overwritten by something invalid: the instance is gone.
+				del(di.ID)
+			}
+		}
+		for _, id := range ev.Deletes {
+			del(id)
+		}
+	}
+	if len(w.dirty) > 0 || ev.Reset {
+		w.wakeLocked()
+	}
+}
+
+// Next blocks until there is an update and returns it. The first update
+// holds the complete list (or, if the backend could not be reached yet, a
+// Stale update with Synced false). Next returns ErrClosed after Close or
+// once the context given to Watch is done, and ctx's error when ctx is done.
+func (w *Watcher) Next(ctx context.Context) (Update, error) {
+	w.nextMu.Lock()
+	defer w.nextMu.Unlock()
+	for {
+		if u, ok := w.take(); ok {
+			return u, nil
+		}
+		select {
+		case <-w.notify:
+		case <-w.done:
+			if u, ok := w.take(); ok {
+				return u, nil
+			}
+			return Update{}, opErr("watch", w.service, ErrClosed)
+		case <-ctx.Done():
+			return Update{}, ctx.Err()
+		}
+	}
+}
+
+// take builds the pending update, if any.
+func (w *Watcher) take() (Update, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ctx.Err() != nil {
+		return Update{}, false
+	}
+	if !w.synced {
+		if w.stale && !w.lastStale {
+			w.lastStale = true
+			return Update{Stale: true, Err: w.err}, true
+		}
+		return Update{}, false
+	}
+	if w.first && len(w.dirty) == 0 && w.stale == w.lastStale {
+		return Update{}, false
+	}
+	u := Update{Stale: w.stale, Err: w.err, Synced: true}
+	for id := range w.dirty {
+		old, had := w.delivered[id]
+		cur, has := w.known[id]
+		switch {
+		case has && !had:
+			u.Added = append(u.Added, cur.Clone())
+		case has && had && !old.Equal(cur):
+			u.Changed = append(u.Changed, cur.Clone())
+		case !has && had:
+			u.Removed = append(u.Removed, old)
+		default:
+			continue
+		}
+		if has {
+			w.delivered[id] = cur
+			w.log = append(w.log, change{id: id, inst: cur})
+		} else {
+			delete(w.delivered, id)
+			w.log = append(w.log, change{id: id, del: true})
+		}
+	}
+	clear(w.dirty)
+	if w.first && len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.stale == w.lastStale {
+		return Update{}, false
+	}
+	w.first, w.lastStale = true, w.stale
+	sortByID(u.Added)
+	sortByID(u.Changed)
+	sortByID(u.Removed)
+	// The update shares base and a prefix of log, which are never written
+	// again; rebuilding base once the log outgrows half of it keeps both the
+	// memory and the work per update proportional to what changed.
+	if len(w.log) > len(w.delivered)/2+64 {
+		w.base = maps.Clone(w.delivered)
+		w.log = nil
+	}
+	u.base, u.log = w.base, w.log[:len(w.log):len(w.log)]
+	return u, true
+}
