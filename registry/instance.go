@@ -226,4 +226,3 @@ func normalize(in Instance) (Instance, error) {
 	in.ID = in.Key()
 	return in, nil
 }
-

@@ -25,13 +25,13 @@ type Watcher struct {
 	done    chan struct{}
 	notify  chan struct{} // capacity 1: something changed since the last Next
 
-	mu         sync.Mutex
-	known      map[string]Instance // the backend's latest view
-	dirty      map[string]struct{} // IDs changed since the last delivery
-	synced     bool                // known holds a complete list
-	stale      bool
-	err        error
-	lastStale  bool // Stale of the last delivered update
+	mu        sync.Mutex
+	known     map[string]Instance // the backend's latest view
+	dirty     map[string]struct{} // IDs changed since the last delivery
+	synced    bool                // known holds a complete list
+	stale     bool
+	err       error
+	lastStale bool // Stale of the last delivered update
 
 	nextMu    sync.Mutex // one Next at a time; guards the fields below
 	delivered map[string]Instance

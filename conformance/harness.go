@@ -1,0 +1,80 @@
+// Package conformance holds the suite every rollcall backend passes:
+// RunConformanceTests runs it against a Harness that gives fresh clients of
+// a real registry server and controls over that server's faults.
+//
+// A backend's test calls it like this:
+//
+//	func TestConformance(t *testing.T) {
+//		conformance.RunConformanceTests(t, func(ctx context.Context, t *testing.T) (conformance.Harness, error) {
+//			return newHarness(ctx, t) // starts a real server for this subtest
+//		})
+//	}
+//
+// A fault control the backend cannot offer returns an error wrapping
+// ErrUnsupported that says why; the subtests that need it are skipped with
+// that reason.
+package conformance
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/rollcall-go/rollcall/registry"
+)
+
+// ErrUnsupported is wrapped by the errors of fault controls a harness cannot
+// provide. The error's text is the reason given in the skip.
+var ErrUnsupported = errors.New("conformance: unsupported")
+
+// Harness gives clients of one real registry server and controls over it.
+// RunConformanceTests makes one Harness per subtest and closes it at the
+// end of the subtest.
+type Harness interface {
+	// MakeRegistry returns a new client of the server, as a separate process
+	// would have, whose registrations are bound to leases of the given TTL.
+	MakeRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error)
+	// Crash stops r as a crashed process stops: no deregistration, no lease
+	// revocation, no further keepalives. r was made by MakeRegistry.
+	Crash(r registry.Registry) error
+
+	// URLs returns a URL that opens a client of the server with
+	// registry.Open, and malformed or unsupported URLs of the same scheme
+	// that Open must reject with registry.ErrInvalidURL.
+	URLs() (good string, bad []string)
+
+	// PauseServer freezes the server (process stopped with SIGSTOP, or its
+	// connections black-holed); ResumeServer undoes it.
+	PauseServer(ctx context.Context) error
+	ResumeServer(ctx context.Context) error
+	// StopServer stops the server, keeping its data; StartServer starts it
+	// again. With wipe, the data is gone when it starts again.
+	StopServer(ctx context.Context) error
+	StartServer(ctx context.Context, wipe bool) error
+	// RevokeLeases ends every registration's lease, TTL check or session on
+	// the server, behind the registrars' backs.
+	RevokeLeases(ctx context.Context) error
+	// DeleteInstance deletes one instance's entry as another client would.
+	DeleteInstance(ctx context.Context, service, id string) error
+	// WriteGarbage writes entries under service that are not valid
+	// instances (undecodable values, bad addresses, wrong service), as a
+	// careless client would.
+	WriteGarbage(ctx context.Context, service string) error
+
+	// Close releases what the harness started.
+	Close()
+}
+
+// HarnessMaker makes a Harness for one subtest.
+type HarnessMaker func(ctx context.Context, t *testing.T) (Harness, error)
+
+func skipIfUnsupported(t *testing.T, err error) {
+	t.Helper()
+	if errors.Is(err, ErrUnsupported) {
+		t.Skipf("backend cannot do this: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}
