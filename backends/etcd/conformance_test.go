@@ -1,0 +1,137 @@
+package etcd_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+
+	"github.com/rollcall-go/rollcall/backends/etcd"
+	"github.com/rollcall-go/rollcall/conformance"
+	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/registry"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+type harness struct {
+	t     *testing.T
+	srv   *testserver.Etcd
+	admin *clientv3.Client
+}
+
+// clientRegistry is a Registry made with etcd.New that also closes the
+// client it was given, as a process that exits would.
+type clientRegistry struct {
+	registry.Registry
+	cli *clientv3.Client
+}
+
+func (r *clientRegistry) Close() error {
+	err := r.Registry.Close()
+	r.cli.Close()
+	return err
+}
+
+func newClient(t testing.TB, ep string) *clientv3.Client {
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cli
+}
+
+func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
+	srv := testserver.StartEtcd(t)
+	h := &harness{t: t, srv: srv, admin: newClient(t, srv.Endpoint())}
+	return h, nil
+}
+
+func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
+	cli := newClient(h.t, h.srv.Endpoint())
+	r, err := etcd.New(cli, &etcd.Options{TTL: ttl})
+	if err != nil {
+		return nil, err
+	}
+	return &clientRegistry{Registry: r, cli: cli}, nil
+}
+
+// Crash closes the client under the registry first, so nothing is revoked.
+func (h *harness) Crash(r registry.Registry) error {
+	cr := r.(*clientRegistry)
+	cr.cli.Close()
+	cr.Registry.Close()
+	return nil
+}
+
+func (h *harness) URLs() (string, []string) {
+	ep := h.srv.Endpoint()
+	return "etcd://" + ep + "/?ttl=2s", []string{
+		"etcd:///?ttl=2s",
+		"etcd://" + ep + "/?ttl=banana",
+		"etcd://" + ep + "/?ttl=0s",
+		"etcd://" + ep + "/?unknown=1",
+		"etcd://" + ep + "/a//b",
+		"etcd://" + ep + "/../x",
+		"etcd://127.0.0.1/",
+		"etcd://" + ep + "/?cert=only-cert.pem",
+		"etcd://" + ep + "/?ca=/nonexistent/ca.pem",
+		"etcd://root:s3cret@" + ep + "/?bogus=1",
+		"etcd://root:hunter2@127.0.0.1:x:y/",
+	}
+}
+
+func (h *harness) PauseServer(context.Context) error  { h.srv.Pause(); return nil }
+func (h *harness) ResumeServer(context.Context) error { h.srv.Resume(); return nil }
+func (h *harness) StopServer(context.Context) error   { h.srv.Stop(); return nil }
+func (h *harness) StartServer(_ context.Context, wipe bool) error {
+	if wipe {
+		h.srv.Wipe()
+	}
+	h.srv.Start()
+	return nil
+}
+
+func (h *harness) RevokeLeases(ctx context.Context) error {
+	ls, err := h.admin.Leases(ctx)
+	if err != nil {
+		return err
+	}
+	for _, l := range ls.Leases {
+		if _, err := h.admin.Revoke(ctx, l.ID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (h *harness) DeleteInstance(ctx context.Context, service, id string) error {
+	_, err := h.admin.Delete(ctx, etcd.DefaultPrefix+service+"/"+id)
+	return err
+}
+
+func (h *harness) WriteGarbage(ctx context.Context, service string) error {
+	dir := etcd.DefaultPrefix + service + "/"
+	for k, v := range map[string]string{
+		dir + "not-json":    "{{{",
+		dir + "bad-addr":    `{"Addr":"nowhere"}`,
+		dir + "empty":       ``,
+		dir + "nested/deep": `{"Addr":"127.0.0.1:1"}`,
+		dir + "bad id!":     `{"Addr":"127.0.0.1:1"}`,
+		dir + "weight":      `{"Addr":"127.0.0.1:1","Metadata":{"weight":"lots"}}`,
+	} {
+		if _, err := h.admin.Put(ctx, k, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (h *harness) Close() { h.admin.Close() }
+
+func TestConformance(t *testing.T) {
+	conformance.RunConformanceTests(t, newHarness)
+}
