@@ -84,16 +84,21 @@ func openURL(ctx context.Context, u *url.URL) (registry.Registry, error) {
 		return nil, err
 	}
 	cfg.Logger = zapLogger(opts.Logger)
-	cli, err := clientv3.New(cfg) // does not block: no DialTimeout wait without WithBlock
-	if err != nil {
-		return nil, fmt.Errorf("etcd: %s: %w", registry.RedactURL(u), err)
+	// clientv3.New authenticates at once when given a user and password, so
+	// the client is made at first use: Open never dials.
+	where := registry.RedactURL(u)
+	dial := func(ctx context.Context) (*clientv3.Client, error) {
+		c := cfg
+		if dl, ok := ctx.Deadline(); ok && (c.DialTimeout <= 0 || time.Until(dl) < c.DialTimeout) {
+			c.DialTimeout = max(time.Until(dl), time.Millisecond)
+		}
+		cli, err := clientv3.New(c)
+		if err != nil {
+			return nil, fmt.Errorf("etcd: connecting to %s: %w", where, err)
+		}
+		return cli, nil
 	}
-	r, err := newRegistry(cli, opts, true)
-	if err != nil {
-		cli.Close()
-		return nil, err
-	}
-	return r, nil
+	return newRegistry(nil, dial, opts)
 }
 
 func badURL(u *url.URL, format string, args ...any) error {
@@ -171,10 +176,12 @@ func New(cli *clientv3.Client, opts *Options) (registry.Registry, error) {
 	if cli == nil {
 		return nil, errors.New("etcd: New with nil client")
 	}
-	return newRegistry(cli, opts, false)
+	return newRegistry(cli, nil, opts)
 }
 
-func newRegistry(cli *clientv3.Client, opts *Options, own bool) (registry.Registry, error) {
+// newRegistry takes a client, or a dial function that makes one at first
+// use (and the registry then owns and closes it).
+func newRegistry(cli *clientv3.Client, dial func(context.Context) (*clientv3.Client, error), opts *Options) (registry.Registry, error) {
 	var o Options
 	if opts != nil {
 		o = *opts
@@ -201,13 +208,14 @@ func newRegistry(cli *clientv3.Client, opts *Options, own bool) (registry.Regist
 		o.Registry.Logger = o.Logger
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	b := &backend{cli: cli, own: own, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, pubs: map[string]*publication{}}
+	b := &backend{cli: cli, dial: dial, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, pubs: map[string]*publication{}}
 	return registry.New(b, &o.Registry), nil
 }
 
 type backend struct {
-	cli    *clientv3.Client
-	own    bool
+	cliMu  sync.Mutex
+	cli    *clientv3.Client // nil until connect when dial is set
+	dial   func(context.Context) (*clientv3.Client, error)
 	opts   Options
 	log    *slog.Logger
 	ctx    context.Context
@@ -257,8 +265,31 @@ func (b *backend) decode(service, dir string, k, v []byte) (driver.Instance, boo
 	return driver.Instance{Service: service, ID: id, Addr: val.Addr, Metadata: val.Metadata}, true
 }
 
-// Ping asks the first endpoint for its status.
+// connect makes the client if the registry was opened from a URL and has
+// not made it yet. Every entry point that talks to etcd calls it first; the
+// goroutines started later read b.cli after it.
+func (b *backend) connect(ctx context.Context) error {
+	b.cliMu.Lock()
+	defer b.cliMu.Unlock()
+	if b.cli != nil {
+		return nil
+	}
+	if b.ctx.Err() != nil {
+		return errors.New("etcd: backend closed")
+	}
+	cli, err := b.dial(ctx)
+	if err != nil {
+		return unavailable(err)
+	}
+	b.cli = cli
+	return nil
+}
+
+// Ping asks the endpoints for their status until one answers.
 func (b *backend) Ping(ctx context.Context) error {
+	if err := b.connect(ctx); err != nil {
+		return err
+	}
 	eps := b.cli.Endpoints()
 	if len(eps) == 0 {
 		return errors.New("etcd: no endpoints")
@@ -290,6 +321,9 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 }
 
 func (b *backend) list(ctx context.Context, service string) ([]driver.Instance, int64, error) {
+	if err := b.connect(ctx); err != nil {
+		return nil, 0, err
+	}
 	dir := b.dir(service)
 	resp, err := b.cli.Get(clientv3.WithRequireLeader(ctx), dir, clientv3.WithPrefix())
 	if err != nil {
@@ -309,17 +343,20 @@ func (b *backend) Close() error {
 	ss := b.sess
 	b.sess = nil
 	b.mu.Unlock()
+	b.cliMu.Lock()
+	cli := b.cli
+	b.cancel() // no connect after this
+	b.cliMu.Unlock()
 	var err error
 	if ss != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_, err = b.cli.Revoke(ctx, ss.id)
+		_, err = cli.Revoke(ctx, ss.id)
 		cancel()
 		err = unavailable(err)
 	}
-	b.cancel()
 	b.wg.Wait()
-	if b.own {
-		err = errors.Join(err, b.cli.Close())
+	if b.dial != nil && cli != nil {
+		err = errors.Join(err, cli.Close())
 	}
 	return err
 }

@@ -21,6 +21,7 @@ var (
 
 // session is the backend's lease and the loops that keep and guard it.
 type session struct {
+	n      int // publications in b.pubs using this session; guarded by b.mu
 	id     clientv3.LeaseID
 	lost   chan struct{}
 	once   sync.Once
@@ -54,6 +55,9 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 	}
 	if b.ctx.Err() != nil {
 		return nil, errors.New("etcd: backend closed")
+	}
+	if err := b.connect(ctx); err != nil {
+		return nil, err
 	}
 	secs := int64((b.opts.TTL + time.Second - 1) / time.Second)
 	grant, err := b.cli.Grant(clientv3.WithRequireLeader(ctx), secs)
@@ -205,6 +209,10 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	b.mu.Lock()
 	old := b.pubs[key]
 	b.pubs[key] = p
+	ss.n++
+	if old != nil {
+		old.sess.n--
+	}
 	b.mu.Unlock()
 	if old != nil {
 		old.lose(errors.New("etcd: replaced by a newer registration"))
@@ -233,18 +241,9 @@ func (b *backend) forget(p *publication) (last bool) {
 	defer b.mu.Unlock()
 	if b.pubs[p.key] == p {
 		delete(b.pubs, p.key)
+		p.sess.n--
 	}
-	return !b.hasPubs(p.sess)
-}
-
-// hasPubs reports whether any publication uses ss. b.mu is held.
-func (b *backend) hasPubs(ss *session) bool {
-	for _, q := range b.pubs {
-		if q.sess == ss {
-			return true
-		}
-	}
-	return false
+	return p.sess.n == 0
 }
 
 type publication struct {
@@ -299,7 +298,7 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	if last {
 		b.sessMu.Lock() // no session handed out meanwhile
 		b.mu.Lock()
-		current := b.sess == p.sess && !b.hasPubs(p.sess)
+		current := b.sess == p.sess && p.sess.n == 0
 		if current {
 			b.sess = nil
 		}
