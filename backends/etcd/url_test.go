@@ -37,7 +37,7 @@ func TestOpenURL(t *testing.T) {
 		"etcd://h:1/?prefix=x":                 "unknown parameter",
 		"etcd://h:1/?ttl=1s&ttl=2s":            "given 2 times",
 		"etcd://h/":                            "not host:port",
-		"etcd://h:1,h2/":                       "not host:port",
+		"etcd://h1,h2:1/":                      "not host:port",
 		"etcd://h:1/a//b":                      "empty or dot segment",
 		"etcd://h:1/?cert=c.pem":               "cert and key go together",
 		"etcd://h:1/?ca=/nonexistent.pem":      "reading CA",
