@@ -1,0 +1,105 @@
+package etcd_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/rollcall-go/rollcall/backends/etcd"
+	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/registry"
+)
+
+// TestOneLeasePerRegistry: many registrations share one lease, and the lease
+// is revoked when the last one is deregistered.
+func TestOneLeasePerRegistry(t *testing.T) {
+	srv := testserver.StartEtcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := newClient(t, srv.Endpoint())
+	defer admin.Close()
+	cli := newClient(t, srv.Endpoint())
+	defer cli.Close()
+	r, err := etcd.New(cli, &etcd.Options{TTL: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	var regs []*registry.Registration
+	for i := range 200 {
+		reg, err := r.Register(ctx, registry.Instance{Service: fmt.Sprintf("svc-%d", i%7), ID: fmt.Sprintf("i%d", i), Addr: fmt.Sprintf("127.0.0.1:%d", 1000+i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		regs = append(regs, reg)
+	}
+	leases, err := admin.Leases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(leases.Leases); n != 1 {
+		t.Fatalf("200 registrations hold %d leases, want 1", n)
+	}
+	for _, reg := range regs {
+		if err := reg.Deregister(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	leases, err = admin.Leases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(leases.Leases); n != 0 {
+		t.Fatalf("after the last Deregister %d leases remain, want 0", n)
+	}
+	resp, err := admin.Get(ctx, etcd.DefaultPrefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Count != 0 {
+		t.Fatalf("%d keys remain", resp.Count)
+	}
+}
+
+// TestUserPassword: a URL with credentials works against an etcd with auth
+// enabled, and a wrong password is a clear error that does not show it.
+func TestUserPassword(t *testing.T) {
+	srv := testserver.StartEtcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := newClient(t, srv.Endpoint())
+	defer admin.Close()
+	for _, step := range []func() error{
+		func() error { _, err := admin.UserAdd(ctx, "root", "s3cret"); return err },
+		func() error { _, err := admin.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := admin.AuthEnable(ctx); return err },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := registry.Open(ctx, "etcd://root:s3cret@"+srv.Endpoint()+"/?ttl=5s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := r.Register(ctx, registry.Instance{Service: "auth", Addr: "127.0.0.1:1"}); err != nil {
+		t.Fatalf("Register with credentials: %v", err)
+	}
+	bad, err := registry.Open(ctx, "etcd://root:hunter2@"+srv.Endpoint()+"/?ttl=5s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bad.Close()
+	err = bad.Ping(ctx)
+	if err == nil {
+		t.Fatal("Ping with a wrong password succeeded")
+	}
+	if s := err.Error(); strings.Contains(s, "hunter2") {
+		t.Fatalf("error shows the password: %v", err)
+	}
+}
