@@ -260,10 +260,13 @@ func (r *registry) Close() error {
 	var errs []error
 	var wg sync.WaitGroup
 	var emu sync.Mutex
+	sem := make(chan struct{}, 32) // bounded: a process may hold thousands
 	for _, reg := range regs {
 		wg.Add(1)
+		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
+			defer func() { <-sem }()
 			if err := reg.Deregister(ctx); err != nil && !errors.Is(err, ErrClosed) {
 				emu.Lock()
 				errs = append(errs, err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -108,7 +109,7 @@ func (b *backend) guard(ctx context.Context, ss *session, rev int64) {
 					rev = ev.Kv.ModRevision
 				}
 				if ev.Type == mvccpb.DELETE || clientv3.LeaseID(ev.Kv.Lease) != ss.id {
-					b.keyGone(ss, string(ev.Kv.Key))
+					b.keyGone(ss, string(ev.Kv.Key), ev.Kv.ModRevision)
 				}
 			}
 		}
@@ -152,17 +153,19 @@ func (b *backend) verify(ctx context.Context, ss *session) (int64, error) {
 	}
 	for _, k := range keys {
 		if !have[k] {
-			b.keyGone(ss, k)
+			b.keyGone(ss, k, resp.Header.Revision)
 		}
 	}
 	return resp.Header.Revision, nil
 }
 
-func (b *backend) keyGone(ss *session, key string) {
+// keyGone reports that key was deleted or overwritten at revision rev; a
+// publication made after that is not affected.
+func (b *backend) keyGone(ss *session, key string, rev int64) {
 	b.mu.Lock()
 	p := b.pubs[key]
 	b.mu.Unlock()
-	if p != nil && p.sess == ss {
+	if p != nil && p.sess == ss && rev > p.rev.Load() {
 		p.lose(ErrKeyGone)
 	}
 }
@@ -217,13 +220,15 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if old != nil {
 		old.lose(errors.New("etcd: replaced by a newer registration"))
 	}
-	if _, err := b.cli.Put(clientv3.WithRequireLeader(ctx), key, val, clientv3.WithLease(ss.id)); err != nil {
+	resp, err := b.cli.Put(clientv3.WithRequireLeader(ctx), key, val, clientv3.WithLease(ss.id))
+	if err != nil {
 		b.forget(p)
 		if isLeaseNotFound(err) {
 			b.loseSession(ss, ErrLeaseLost)
 		}
 		return nil, err
 	}
+	p.rev.Store(resp.Header.Revision)
 	if ss.isLost() {
 		p.lose(ss.err)
 	}
@@ -248,6 +253,7 @@ func (b *backend) forget(p *publication) (last bool) {
 
 type publication struct {
 	b    *backend
+	rev  atomic.Int64 // revision of the last put of this publication
 	key  string
 	sess *session
 	lost chan struct{}
@@ -278,8 +284,12 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	if err != nil {
 		return err
 	}
-	_, err = p.b.cli.Put(clientv3.WithRequireLeader(ctx), p.key, val, clientv3.WithLease(p.sess.id))
-	return unavailable(err)
+	resp, err := p.b.cli.Put(clientv3.WithRequireLeader(ctx), p.key, val, clientv3.WithLease(p.sess.id))
+	if err != nil {
+		return unavailable(err)
+	}
+	p.rev.Store(resp.Header.Revision)
+	return nil
 }
 
 // Withdraw deletes the key if it still carries this session's lease, and
