@@ -1,0 +1,5 @@
+//go:build !race
+
+package nacosserver
+
+const raceEnabled = false
