@@ -1,0 +1,486 @@
+// Package consul is rollcall's Consul backend, scheme consul://, over
+// github.com/hashicorp/consul/api.
+//
+// # URL form
+//
+//	consul://HOST:PORT/?ttl=10s&dc=dc1&token=SECRET
+//	consul://HOST:8501/?tls=true&ca_file=/etc/consul/ca.pem&cert_file=c.pem&key_file=k.pem
+//	consul://USER:PASSWORD@HOST:PORT/   (HTTP basic auth, for an agent behind a proxy)
+//
+// HOST:PORT is the HTTP API of a Consul agent (normally the local one); the
+// port defaults to 8500, or 8501 with TLS. An empty host means the agent named
+// by CONSUL_HTTP_ADDR, or localhost:8500: settings not given in the URL fall
+// back, as in the consul command, to the CONSUL_HTTP_* environment variables
+// read by the consul api package (CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...). The
+// path must be empty or "/". Parameters (any other is rejected):
+//
+//	ttl                   TTL of the session's check (default 10s)
+//	dc                    datacenter for discovery (default: the agent's)
+//	token                 ACL token; never appears in errors or logs
+//	token_file            file holding the ACL token
+//	tls                   true: talk HTTPS (implied by ca_file, ca_path, cert_file)
+//	ca_file, ca_path      CA certificate file, or directory of them
+//	cert_file, key_file   client certificate and key, for mutual TLS
+//	server_name           TLS server name (default: HOST)
+//	insecure_skip_verify  true: do not verify the agent's certificate
+//	wait                  wait time of the blocking queries (default 5s; see Watch below)
+//	deregister_after      DeregisterCriticalServiceAfter of the checks (default max(1m, 3*ttl))
+//
+// Open does not connect; registry.Registry.Ping does. New takes a client the
+// caller already holds.
+//
+// # Registration
+//
+// A Registry that registers instances holds one session, as an etcd client
+// holds one lease: a heartbeat service "rollcall-session" (ID
+// "rollcall-session~RANDOM", Meta pid and host) with a TTL check whose status
+// is passing. Each instance is an agent service registration whose only check
+// is an alias check of that heartbeat (initially passing), so it is passing
+// exactly while the heartbeat is. One renewal loop renews the heartbeat's TTL
+// check every TTL/3 and, before that, reads the agent's TTL and alias checks:
+// two requests per TTL/3 however many instances the Registry holds (a TTL
+// check per instance would cost one request, and on a server agent one fsync,
+// per instance and per round).
+//
+// The registrations are lost, and package registry registers them again,
+// when the agent no longer knows the session's check (the agent restarted
+// without its data, reaped the session, or someone deregistered it) or finds
+// it critical (its TTL lapsed while the process or the agent was stalled, or
+// someone failed it); one registration alone is lost when its service is gone
+// from the agent (someone deregistered it). Deregister removes the service
+// from the agent at once; Close removes the session. A crashed process stops
+// renewing: after one TTL its session, and with it every alias check, turns
+// critical, which removes its instances from every watcher; the agent reaps
+// them after deregister_after (Consul reaps every 30 s or so, with a minimum
+// of one minute, so this is only cleanup).
+//
+// # ACLs
+//
+// With ACLs enabled, the token needs service:write on the services it
+// registers and on "rollcall-session", and service:read on the services it
+// watches, with node:read on their nodes (Consul drops the instances of nodes
+// the token may not read). Consul 1.16 does not say that its ACLs filtered a
+// health answer: a token that may not read a service sees it empty.
+//
+// # Mapping
+//
+// An Instance maps onto an agent service registration as follows:
+//
+//	Service              Name. Consul treats service names case-insensitively.
+//	ID                   ID = Service + "~" + ID ('~' is in neither name, and
+//	                     service IDs must be unique per agent). Read back with
+//	                     the "Service~" prefix removed; a service registered by
+//	                     another tool keeps its own ID.
+//	Addr                 Address and Port. Read back from the service address,
+//	                     or the node's address when the service has none.
+//	Metadata["weight"]   Weights.Passing (Warning is 1). Read back from
+//	                     Weights.Passing, as Metadata["weight"] only when it is
+//	                     above 1 (1 is the default weight), capped at
+//	                     registry.MaxWeight; a "weight" key in Meta is ignored.
+//	other Metadata       Meta, verbatim. Consul limits keys to letters, digits,
+//	                     '_' and '-', at most 128 bytes and not starting with
+//	                     "consul-", and values to 512 bytes: other metadata is
+//	                     refused with registry.ErrInvalidInstance.
+//	zone, version        also the Tags "zone=Z" and "version=V", for tag
+//	                     filters and the UI. When reading, such tags fill zone
+//	                     and version if Meta has none (registrations by other
+//	                     tools).
+//
+// Entries that other tools wrote and that are not valid instances (no port,
+// IDs with other characters, ...) are logged and skipped by package registry.
+//
+// # Watch
+//
+// Lookup and Watch read the health endpoint with passing entries only, so an
+// instance whose check turned critical disappears at once, long before Consul
+// reaps it. A watch is a loop of blocking queries; each answer is the full
+// list and is delivered as a reset, which package registry diffs. The index
+// rules of Consul's documentation are kept: the index is reset to 0 when it
+// goes backwards and is never used below 1, and a query that returns early
+// without progress is followed by a growing pause, so that no loop of requests
+// hammers an agent. Every request carries a deadline: a blocking query waits at
+// most wait (plus Consul's jitter of wait/16) and its deadline is one second
+// later, so a watch fails, and its watcher reports stale, within about wait +
+// 1.3 s of the agent stopping to answer; a watch of a quiet service makes
+// about 60/wait requests a minute. Errors end the watch; package registry
+// reopens it with backoff.
+package consul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/rollcall-go/rollcall/registry"
+	"github.com/rollcall-go/rollcall/registry/driver"
+)
+
+// Scheme is the URL scheme of this backend.
+const Scheme = "consul"
+
+// Defaults.
+const (
+	// DefaultWaitTime is the wait time of blocking queries.
+	DefaultWaitTime = 5 * time.Second
+	// DefaultRequestTimeout bounds requests whose context has no earlier
+	// deadline.
+	DefaultRequestTimeout = 10 * time.Second
+	// minDeregisterAfter is Consul's minimum for DeregisterCriticalServiceAfter.
+	minDeregisterAfter = time.Minute
+	// closeTimeout bounds the removal of the session by Close.
+	closeTimeout = 2 * time.Second
+)
+
+func init() { registry.Register(Scheme, registry.URLOpenerFunc(openURL)) }
+
+func invalidURL(u *url.URL, format string, args ...any) error {
+	return fmt.Errorf("%w: %s: consul: %s (form: consul://host:port/?ttl=10s&token=...)",
+		registry.ErrInvalidURL, registry.RedactURL(u), fmt.Sprintf(format, args...))
+}
+
+func openURL(_ context.Context, u *url.URL) (registry.Registry, error) {
+	p := registry.NewURLParams(u)
+	var o Options
+	o.TTL = p.Duration("ttl", driver.DefaultTTL)
+	o.WaitTime = p.Duration("wait", DefaultWaitTime)
+	o.DeregisterAfter = p.Duration("deregister_after", 0)
+	dc := p.String("dc", "")
+	token := p.String("token", "")
+	tokenFile := p.String("token_file", "")
+	useTLS := p.Bool("tls", false)
+	tlsSet := u.Query().Has("tls")
+	tc := api.TLSConfig{
+		CAFile:             p.String("ca_file", ""),
+		CAPath:             p.String("ca_path", ""),
+		CertFile:           p.String("cert_file", ""),
+		KeyFile:            p.String("key_file", ""),
+		Address:            p.String("server_name", ""),
+		InsecureSkipVerify: p.Bool("insecure_skip_verify", false),
+	}
+	if err := p.Err(); err != nil {
+		return nil, err
+	}
+	if u.Opaque != "" || u.Path != "" && u.Path != "/" || u.Fragment != "" {
+		return nil, invalidURL(u, "no path or fragment allowed")
+	}
+	if strings.Contains(u.Host, ",") {
+		return nil, invalidURL(u, "one agent address only")
+	}
+	if o.DeregisterAfter != 0 && o.DeregisterAfter < minDeregisterAfter {
+		return nil, invalidURL(u, "deregister_after must be at least %v (Consul's minimum)", minDeregisterAfter)
+	}
+	if (tc.CertFile == "") != (tc.KeyFile == "") {
+		return nil, invalidURL(u, "cert_file and key_file go together")
+	}
+	implied := tc.CAFile != "" || tc.CAPath != "" || tc.CertFile != "" || tc.Address != "" || tc.InsecureSkipVerify
+	if tlsSet && !useTLS && implied {
+		return nil, invalidURL(u, "tls=false contradicts the TLS parameters")
+	}
+	useTLS = useTLS || implied
+	scheme, defPort := "http", "8500"
+	if useTLS {
+		scheme, defPort = "https", "8501"
+	}
+	addr := u.Host
+	if addr != "" && u.Port() == "" {
+		addr = net.JoinHostPort(u.Hostname(), defPort)
+	}
+	tr := newTransport()
+	cfg := &api.Config{
+		Address:    addr,
+		Scheme:     scheme,
+		Datacenter: dc,
+		Token:      token,
+		TokenFile:  tokenFile,
+		Transport:  tr,
+		TLSConfig:  tc,
+	}
+	if u.User != nil {
+		pw, _ := u.User.Password()
+		cfg.HttpAuth = &api.HttpBasicAuth{Username: u.User.Username(), Password: pw}
+	}
+	cli, err := api.NewClient(cfg)
+	if err != nil {
+		// The api's errors name files, never the token.
+		return nil, fmt.Errorf("%w: %s: consul: %v", registry.ErrInvalidURL, registry.RedactURL(u), err)
+	}
+	b := newBackend(cli, &o)
+	b.ownTransport = tr
+	return registry.New(b, &b.opts.Registry), nil
+}
+
+// newTransport returns the HTTP transport of clients made from URLs: pooled,
+// with enough idle connections per host for many watches (each blocking query
+// holds one connection).
+func newTransport() *http.Transport {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	// Clone fills in a TLS config; the consul api builds its own (from the
+	// TLS parameters) only when there is none.
+	tr.TLSClientConfig = nil
+	tr.MaxIdleConnsPerHost = 64
+	tr.IdleConnTimeout = 90 * time.Second
+	return tr
+}
+
+// Options configure a Consul Registry.
+type Options struct {
+	// TTL of the session's TTL check; driver.DefaultTTL when zero.
+	// It is renewed every TTL/3.
+	TTL time.Duration
+	// DeregisterAfter is the checks' DeregisterCriticalServiceAfter: the agent
+	// removes a service whose check has been critical this long. Zero means
+	// max(1m, 3*TTL); Consul's minimum is one minute.
+	DeregisterAfter time.Duration
+	// WaitTime is the wait time of each blocking query; DefaultWaitTime when
+	// zero. It also bounds how long a watch takes to notice an agent that
+	// stopped answering.
+	WaitTime time.Duration
+	// RequestTimeout bounds each other request whose context has no earlier
+	// deadline; DefaultRequestTimeout when zero.
+	RequestTimeout time.Duration
+	// Logger receives the backend's log lines, and the registry's when
+	// Registry.Logger is nil; slog.Default() when nil.
+	Logger *slog.Logger
+	// Registry configures the shared layer (backoff, timeouts).
+	Registry registry.Options
+}
+
+// New returns a Registry over cli, a client of a Consul agent. It does not
+// connect. The Registry does not close cli's idle connections when it is
+// closed: cli belongs to the caller.
+func New(cli *api.Client, opts *Options) registry.Registry {
+	if cli == nil {
+		panic("consul: New with a nil client")
+	}
+	b := newBackend(cli, opts)
+	return registry.New(b, &b.opts.Registry)
+}
+
+func newBackend(cli *api.Client, opts *Options) *backend {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	if o.TTL <= 0 {
+		o.TTL = driver.DefaultTTL
+	}
+	if o.WaitTime <= 0 {
+		o.WaitTime = DefaultWaitTime
+	}
+	if o.RequestTimeout <= 0 {
+		o.RequestTimeout = DefaultRequestTimeout
+	}
+	if o.DeregisterAfter <= 0 {
+		o.DeregisterAfter = max(minDeregisterAfter, 3*o.TTL)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Registry.Logger == nil {
+		o.Registry.Logger = o.Logger
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &backend{
+		c: cli, opts: o, ttl: o.TTL, reap: o.DeregisterAfter, wait: o.WaitTime, log: o.Logger,
+		ctx: ctx, cancel: cancel, pubs: map[string]*publication{},
+	}
+}
+
+type backend struct {
+	c            *api.Client
+	opts         Options
+	ttl, reap    time.Duration
+	wait         time.Duration
+	log          *slog.Logger
+	ownTransport *http.Transport // closed with the backend when it made it
+
+	ctx    context.Context // canceled by Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	sessMu sync.Mutex // held while registering a session; never under mu
+
+	mu       sync.Mutex // never held during a request
+	closed   bool
+	renewing bool                    // the renewal loop runs
+	sess     *session                // the current session, nil before the first
+	pubs     map[string]*publication // by Consul service ID
+}
+
+var (
+	_ driver.Backend     = (*backend)(nil)
+	_ driver.Pinger      = (*backend)(nil)
+	_ driver.Publication = (*publication)(nil)
+	_ driver.Stream      = (*stream)(nil)
+)
+
+var errClosed = fmt.Errorf("consul: backend closed: %w", registry.ErrClosed)
+
+// bound returns ctx with the request timeout applied unless ctx ends sooner,
+// canceled too when the backend closes.
+func (b *backend) bound(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	stop := context.AfterFunc(b.ctx, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
+// wrap turns a request error into the backend's error. The caller's context
+// errors pass through unchanged; answers of the agent keep their status
+// (api.StatusError); anything else (no connection, no answer in time) wraps
+// registry.ErrUnavailable and the cause.
+func (b *backend) wrap(ctx context.Context, op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if cerr := ctx.Err(); cerr != nil {
+		return cerr
+	}
+	if b.ctx.Err() != nil {
+		return errClosed
+	}
+	var se api.StatusError
+	if errors.As(err, &se) {
+		if se.Code >= 500 || se.Code == http.StatusTooManyRequests {
+			return fmt.Errorf("consul: %s: %w: %w", op, registry.ErrUnavailable, err)
+		}
+		if se.Code == http.StatusBadRequest && op == "register" {
+			return fmt.Errorf("consul: %s: %w: %w", op, registry.ErrInvalidInstance, err)
+		}
+		return fmt.Errorf("consul: %s: %w", op, err)
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("consul: %s: the agent did not answer in time: %w: %w", op, registry.ErrUnavailable, err)
+	}
+	return fmt.Errorf("consul: %s: %w: %w", op, registry.ErrUnavailable, err)
+}
+
+func isStatus(err error, code int) bool {
+	var se api.StatusError
+	return errors.As(err, &se) && se.Code == code
+}
+
+func (b *backend) isClosed() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed
+}
+
+// health runs one health query for the passing instances of service. With
+// index 0 it returns at once; otherwise it blocks up to b.wait for a change
+// after index. stop, when not nil, cancels the request too.
+func (b *backend) health(ctx context.Context, stop context.Context, service string, index uint64) ([]*api.ServiceEntry, *api.QueryMeta, error) {
+	// Consul adds up to wait/16 of jitter to a blocking query.
+	qctx, cancel := b.bound(ctx, b.wait+b.wait/16+time.Second)
+	defer cancel()
+	if stop != nil {
+		defer context.AfterFunc(stop, cancel)()
+	}
+	q := &api.QueryOptions{WaitIndex: index, WaitTime: b.wait}
+	entries, meta, err := b.c.Health().Service(service, "", true, q.WithContext(qctx))
+	if err != nil {
+		if stop != nil && stop.Err() != nil && ctx.Err() == nil {
+			return nil, nil, errStreamClosed
+		}
+		return nil, nil, b.wrap(ctx, "health query for "+service, err)
+	}
+	if meta == nil {
+		meta = &api.QueryMeta{}
+	}
+	if meta.ResultsFilteredByACLs && len(entries) == 0 {
+		// Instances exist but the token may read none of them: that is
+		// not an empty service.
+		return nil, nil, fmt.Errorf("consul: health query for %s: %w", service, ErrFilteredByACLs)
+	}
+	return entries, meta, nil
+}
+
+// ErrFilteredByACLs is returned when Consul says it filtered out every
+// instance of a service because the ACL token may not read them (it needs
+// service:read on the service and node:read on their nodes). A list of which
+// the ACLs hid only a part is delivered, with a warning. Consul 1.16 does not
+// say so on the health endpoint: there a token that may not read a service
+// sees it empty.
+var ErrFilteredByACLs = errors.New("consul: the ACL token may read none of the instances")
+
+// convert returns the instances of entries, skipping entries with no service.
+func convert(entries []*api.ServiceEntry) []driver.Instance {
+	out := make([]driver.Instance, 0, len(entries))
+	for _, e := range entries {
+		if in, ok := fromEntry(e); ok {
+			out = append(out, in)
+		}
+	}
+	return out
+}
+
+func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, error) {
+	if b.isClosed() {
+		return nil, errClosed
+	}
+	entries, _, err := b.health(ctx, nil, service, 0)
+	if err != nil {
+		return nil, err
+	}
+	return convert(entries), nil
+}
+
+func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, error) {
+	if b.isClosed() {
+		return nil, errClosed
+	}
+	sctx, cancel := context.WithCancel(b.ctx)
+	return &stream{b: b, service: service, ctx: sctx, cancel: cancel}, nil
+}
+
+// Ping asks the agent for the cluster leader: it fails when the agent does
+// not answer or its cluster has no leader.
+func (b *backend) Ping(ctx context.Context) error {
+	if b.isClosed() {
+		return errClosed
+	}
+	qctx, cancel := b.bound(ctx, b.opts.RequestTimeout)
+	defer cancel()
+	leader, err := b.c.Status().LeaderWithQueryOptions((&api.QueryOptions{}).WithContext(qctx))
+	if err != nil {
+		return b.wrap(ctx, "ping", err)
+	}
+	if leader == "" {
+		return fmt.Errorf("consul: ping: the cluster has no leader: %w", registry.ErrUnavailable)
+	}
+	return nil
+}
+
+// Close removes the session's heartbeat from the agent, and stops the
+// renewal loop and every watch. Package registry has withdrawn the
+// publications before.
+func (b *backend) Close() error {
+	b.sessMu.Lock() // no session being registered
+	b.mu.Lock()
+	b.closed = true
+	ss := b.sess
+	b.sess = nil
+	b.mu.Unlock()
+	b.sessMu.Unlock()
+	var err error
+	if ss != nil && !ss.isLost() {
+		ss.close(errClosed)
+		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+		err = b.deregisterSession(ctx, ss)
+		cancel()
+	}
+	b.cancel()
+	b.wg.Wait()
+	if b.ownTransport != nil {
+		b.ownTransport.CloseIdleConnections()
+	}
+	return err
+}
