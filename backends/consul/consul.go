@@ -11,8 +11,9 @@
 // port defaults to 8500, or 8501 with TLS. An empty host means the agent named
 // by CONSUL_HTTP_ADDR, or localhost:8500: settings not given in the URL fall
 // back, as in the consul command, to the CONSUL_HTTP_* environment variables
-// read by the consul api package (CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...). The
-// path must be empty or "/". Parameters (any other is rejected):
+// read by the consul api package (CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...),
+// except CONSUL_HTTP_SSL: the URL's tls parameter decides. The path must be
+// empty or "/". Parameters (any other is rejected):
 //
 //	ttl                   TTL of the session's check (default 10s)
 //	dc                    datacenter for discovery (default: the agent's)
