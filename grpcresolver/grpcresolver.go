@@ -1,0 +1,402 @@
+// Package grpcresolver plugs rollcall into gRPC name resolution: a gRPC client
+// dials a service registered in any rollcall backend by a target URL.
+//
+// After blank imports of a backend and of this package,
+//
+//	import (
+//		_ "github.com/rollcall-go/rollcall/backends/etcd"
+//		_ "github.com/rollcall-go/rollcall/grpcresolver"
+//	)
+//
+//	conn, err := grpc.NewClient("etcd://127.0.0.1:2379/user.rpc",
+//		grpc.WithTransportCredentials(insecure.NewCredentials()))
+//
+// balances the calls round robin over the live instances of user.rpc.
+//
+// # Target form
+//
+// A target is the registry URL (as given to registry.Open) with the service
+// name appended as the last path segment. Everything before the last segment,
+// and every query parameter, stays with the registry URL (SplitTarget does
+// the split):
+//
+//	target                                   registry URL                       service
+//	etcd://h1:2379,h2:2379/user.rpc          etcd://h1:2379,h2:2379             user.rpc
+//	etcd://h:2379/team-a/user.rpc?ttl=5s     etcd://h:2379/team-a?ttl=5s        user.rpc (prefix team-a)
+//	mem://demo/user.rpc                      mem://demo                         user.rpc
+//	consul://h:8500/user.rpc?dc=dc1          consul://h:8500?dc=dc1             user.rpc
+//	consul:///user.rpc                       consul:///                         user.rpc (agent of $CONSUL_HTTP_ADDR)
+//	nacos://h:8848/user.rpc?namespace=dev    nacos://h:8848?namespace=dev       user.rpc
+//	k8s://namespace/service:port             k8s://namespace                    service:port
+//	k8s:///service:port                      k8s:///                            service:port (kubeconfig's namespace)
+//
+// The registry URL's own form, for each scheme, is in its backend's package
+// doc. The service name must be a valid registry service name (letters,
+// digits and . _ - :); Build rejects a target without one. The channel's
+// default authority is the service name.
+//
+// # Registration with gRPC
+//
+// The package registers a builder in gRPC's global resolver registry, in
+// its init, for each scheme of the backends rollcall knows: etcd, mem, consul,
+// nacos and k8s. The builder opens the registry URL with registry.Open when
+// gRPC builds a resolver, so only the backend's blank import is needed; a
+// scheme whose backend is not linked makes Build fail with an error that
+// names the import to add. Register adds a scheme of another backend.
+// NewBuilder returns a builder with options (a service config, a registry
+// you already hold, a logger) for grpc.WithResolvers.
+//
+// # What the resolver pushes
+//
+// Each update is a complete resolver.State with one Endpoint per instance
+// (and the same addresses in State.Addresses for older balancers), sorted by
+// instance ID. Instances that share an address are merged into one endpoint
+// (the one with the smallest ID wins). Each Endpoint carries its
+// registry.Instance as an attribute (see InstanceFromEndpoint); attributes of
+// an unchanged instance compare equal, and an update that changes nothing is
+// not pushed, so no-op registry events cause no connection churn.
+//
+// The state carries a default service config selecting round_robin, unless
+// the builder was made with WithServiceConfig or the channel was dialed with
+// grpc.WithDisableServiceConfig. Note that a service config from the resolver
+// takes precedence over grpc.WithDefaultServiceConfig: to choose another
+// policy, use NewBuilder with WithServiceConfig.
+//
+// # Registry failures
+//
+// While the registry is unreachable the resolver keeps the last list it
+// pushed: it pushes no empty or shrunken list and reports no error that would
+// drop addresses. It reports an error only while no list has ever been known.
+// A list that is really empty (the service has no instances) is pushed.
+// gRPC's ResolveNow hints trigger a relist (registry Lookup), at most once per
+// WithResolveNowInterval; its result is used while the watch is stale.
+//
+// Resolvers that open the same registry URL share one registry.Registry; it
+// is closed when the last of them closes.
+//
+// # Large services
+//
+// The resolver's work per update is a copy of the endpoint list (about 0.1 ms
+// and 100 KB for 1,000 instances, a constant number of allocations). gRPC's
+// channel, by default, also formats every resolver state as JSON for its
+// trace log (about 7 ms and 4 MB per update for 1,000 instances); an
+// application installs a logger whose V(0) is false to avoid it:
+//
+//	grpclog.SetLoggerV2(grpclog.NewLoggerV2WithVerbosity(io.Discard, io.Discard, os.Stderr, -1))
+//
+// See docs/BENCHMARKS.md.
+package grpcresolver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/resolver"
+
+	"github.com/rollcall-go/rollcall/registry"
+)
+
+// KnownSchemes are the schemes registered with gRPC by this package's init:
+// those of the backends rollcall ships.
+var KnownSchemes = []string{"etcd", "mem", "consul", "nacos", "k8s"}
+
+func init() {
+	for _, s := range KnownSchemes {
+		Register(s)
+	}
+}
+
+// backendImports names the package to import for each known scheme, for
+// error messages.
+var backendImports = map[string]string{
+	"etcd":   "github.com/rollcall-go/rollcall/backends/etcd",
+	"mem":    "github.com/rollcall-go/rollcall/backends/memory",
+	"consul": "github.com/rollcall-go/rollcall/backends/consul",
+	"nacos":  "github.com/rollcall-go/rollcall/backends/nacos",
+	"k8s":    "github.com/rollcall-go/rollcall/backends/k8s",
+}
+
+// DefaultServiceConfig is the service config the resolver sends unless
+// WithServiceConfig says otherwise: round robin over the instances.
+const DefaultServiceConfig = `{"loadBalancingConfig":[{"round_robin":{}}]}`
+
+// DefaultResolveNowInterval is the minimum time between two relists caused by
+// gRPC's ResolveNow hints.
+const DefaultResolveNowInterval = 5 * time.Second
+
+// lookupTimeout bounds one relist.
+const lookupTimeout = 10 * time.Second
+
+// Register registers a builder for scheme, with default options, in gRPC's
+// global resolver registry. Like resolver.Register it must be called only
+// from an init function. It panics if scheme is empty or not a lower-case
+// URL scheme.
+func Register(scheme string) {
+	resolver.Register(NewBuilder(scheme))
+}
+
+// Option configures a builder made by NewBuilder.
+type Option func(*options)
+
+type options struct {
+	serviceConfig      string
+	resolveNowInterval time.Duration
+	logger             *slog.Logger
+	reg                registry.Registry
+	mux                *registry.URLMux
+}
+
+// WithServiceConfig sets the service config (JSON) sent with every update,
+// replacing DefaultServiceConfig. An empty string sends none, so that the
+// channel's own default (grpc.WithDefaultServiceConfig, or pick_first)
+// applies.
+func WithServiceConfig(json string) Option {
+	return func(o *options) { o.serviceConfig = json }
+}
+
+// WithResolveNowInterval sets the minimum time between two relists caused by
+// gRPC's ResolveNow hints (DefaultResolveNowInterval when d <= 0).
+func WithResolveNowInterval(d time.Duration) Option {
+	return func(o *options) { o.resolveNowInterval = d }
+}
+
+// WithLogger sets the logger for the resolver's log lines (slog.Default()
+// when nil).
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) { o.logger = l }
+}
+
+// WithRegistry makes the builder use r instead of opening registry URLs, for
+// a registry made with a backend's typed constructor (etcd.New and the like).
+// Targets then have the form scheme:///service. The builder does not close r.
+func WithRegistry(r registry.Registry) Option {
+	return func(o *options) { o.reg = r }
+}
+
+// WithURLMux makes the builder open registry URLs with m instead of
+// registry.DefaultURLMux().
+func WithURLMux(m *registry.URLMux) Option {
+	return func(o *options) { o.mux = m }
+}
+
+// NewBuilder returns a resolver.Builder for targets of scheme, for use with
+// grpc.WithResolvers:
+//
+//	b := grpcresolver.NewBuilder("etcd", grpcresolver.WithServiceConfig(""))
+//	conn, err := grpc.NewClient("etcd://127.0.0.1:2379/user.rpc", grpc.WithResolvers(b), ...)
+//
+// It panics if scheme is empty or not a lower-case URL scheme. The builder is
+// safe for concurrent use; the resolvers it builds share one registry per
+// registry URL.
+func NewBuilder(scheme string, opts ...Option) resolver.Builder {
+	if !validScheme(scheme) {
+		panic(fmt.Sprintf("grpcresolver: invalid scheme %q (want lower case letters, digits, + - .)", scheme))
+	}
+	o := options{serviceConfig: DefaultServiceConfig, resolveNowInterval: DefaultResolveNowInterval}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.resolveNowInterval <= 0 {
+		o.resolveNowInterval = DefaultResolveNowInterval
+	}
+	if o.logger == nil {
+		o.logger = slog.Default()
+	}
+	if o.mux == nil {
+		o.mux = registry.DefaultURLMux()
+	}
+	return &builder{scheme: scheme, o: o, shared: map[string]*sharedRegistry{}}
+}
+
+func validScheme(s string) bool {
+	if s == "" || s[0] < 'a' || s[0] > 'z' {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '+' || r == '-' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// ErrInvalidTarget wraps every error about the form of a target.
+var ErrInvalidTarget = errors.New("grpcresolver: invalid target")
+
+// SplitTarget splits a target URL into the registry URL that registry.Open
+// takes and the service name: the last path segment is the service, the
+// rest of the path, the host and the query stay with the registry URL.
+//
+//	SplitTarget("etcd://h:2379/team-a/user.rpc?ttl=5s") = "etcd://h:2379/team-a?ttl=5s", "user.rpc"
+func SplitTarget(target string) (registryURL, service string, err error) {
+	u, err := url.Parse(target)
+	if err != nil {
+		return "", "", fmt.Errorf("%w: %q does not parse as a URL", ErrInvalidTarget, registry.Redact(target))
+	}
+	return splitURL(u)
+}
+
+func splitURL(u *url.URL) (string, string, error) {
+	form := func() error {
+		return fmt.Errorf("%w: %q: want the registry URL with the service name as the last path segment, e.g. %s://127.0.0.1:2379/user.rpc",
+			ErrInvalidTarget, registry.RedactURL(u), schemeOr(u.Scheme))
+	}
+	if u.Opaque != "" || u.Scheme == "" {
+		return "", "", form()
+	}
+	i := strings.LastIndexByte(u.Path, '/')
+	if i < 0 {
+		return "", "", form()
+	}
+	service := u.Path[i+1:]
+	if service == "" {
+		return "", "", form()
+	}
+	if err := registry.ValidateServiceName(service); err != nil {
+		return "", "", fmt.Errorf("%w: %q: %w", ErrInvalidTarget, registry.RedactURL(u), err)
+	}
+	r := *u
+	r.Path, r.RawPath, r.Fragment, r.RawFragment = u.Path[:i], "", "", ""
+	if r.Path == "" && r.Host == "" {
+		r.Path = "/" // scheme:///service opens scheme:///, not scheme:
+	}
+	return r.String(), service, nil
+}
+
+func schemeOr(s string) string {
+	if s == "" {
+		return "etcd"
+	}
+	return s
+}
+
+type builder struct {
+	scheme string
+	o      options
+
+	mu     sync.Mutex
+	shared map[string]*sharedRegistry // by registry URL (may hold credentials: never logged)
+}
+
+type sharedRegistry struct {
+	key  string
+	reg  registry.Registry
+	refs int
+}
+
+var (
+	_ resolver.Builder            = (*builder)(nil)
+	_ resolver.AuthorityOverrider = (*builder)(nil)
+)
+
+func (b *builder) Scheme() string { return b.scheme }
+
+// OverrideAuthority makes the channel's authority the service name.
+func (b *builder) OverrideAuthority(t resolver.Target) string {
+	p := t.URL.Path
+	if i := strings.LastIndexByte(p, '/'); i >= 0 {
+		p = p[i+1:]
+	}
+	if p == "" {
+		return t.URL.Host
+	}
+	return p
+}
+
+// Build starts a resolver for target. It does not block on the network.
+func (b *builder) Build(t resolver.Target, cc resolver.ClientConn, bo resolver.BuildOptions) (resolver.Resolver, error) {
+	u := t.URL
+	var (
+		reg     registry.Registry
+		service string
+		release func()
+	)
+	if b.o.reg != nil {
+		if u.Host != "" || u.Opaque != "" || strings.Count(u.Path, "/") != 1 || u.RawQuery != "" {
+			return nil, fmt.Errorf("%w: %q: this builder uses a registry given to it; want %s:///SERVICE", ErrInvalidTarget, registry.RedactURL(&u), b.scheme)
+		}
+		_, s, err := splitURL(&u)
+		if err != nil {
+			return nil, err
+		}
+		reg, service, release = b.o.reg, s, func() {}
+	} else {
+		regURL, s, err := splitURL(&u)
+		if err != nil {
+			return nil, err
+		}
+		sh, err := b.acquire(regURL)
+		if err != nil {
+			return nil, fmt.Errorf("grpcresolver: target %q: %w", registry.RedactURL(&u), err)
+		}
+		reg, service, release = sh.reg, s, func() { b.release(sh) }
+	}
+	var sc *serviceConfig
+	if b.o.serviceConfig != "" && !bo.DisableServiceConfig {
+		pr := cc.ParseServiceConfig(b.o.serviceConfig)
+		if pr.Err != nil {
+			release()
+			return nil, fmt.Errorf("grpcresolver: service config: %w", pr.Err)
+		}
+		sc = pr
+	}
+	r, err := newResolver(reg, service, cc, sc, b.o, registry.RedactURL(&u), release)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	return r, nil
+}
+
+// acquire returns the shared registry for regURL, opening it if needed.
+// registry.Open does not block on the network.
+func (b *builder) acquire(regURL string) (*sharedRegistry, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if sh := b.shared[regURL]; sh != nil {
+		sh.refs++
+		return sh, nil
+	}
+	reg, err := b.o.mux.Open(context.Background(), regURL)
+	if err != nil {
+		if errors.Is(err, registry.ErrUnknownScheme) {
+			scheme, _, _ := strings.Cut(regURL, ":")
+			if imp, ok := backendImports[scheme]; ok {
+				return nil, fmt.Errorf("%w; link the backend with import _ %q", err, imp)
+			}
+		}
+		return nil, err
+	}
+	sh := &sharedRegistry{key: regURL, reg: reg, refs: 1}
+	b.shared[regURL] = sh
+	return sh, nil
+}
+
+// release drops one reference and closes the registry with the last one.
+func (b *builder) release(sh *sharedRegistry) {
+	b.mu.Lock()
+	sh.refs--
+	last := sh.refs == 0
+	if last {
+		delete(b.shared, sh.key)
+	}
+	b.mu.Unlock()
+	if last {
+		if err := sh.reg.Close(); err != nil {
+			b.o.logger.Debug("grpcresolver: closing the registry", "err", err)
+		}
+	}
+}
+
+// openRegistries returns how many registries the builder holds open (tests).
+func (b *builder) openRegistries() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.shared)
+}
