@@ -24,6 +24,7 @@ type Registration struct {
 	mu     sync.Mutex
 	inst   Instance
 	pub    driver.Publication // nil while lost
+	lost   driver.Publication // the lost publication, until replaced
 	status Status
 	closed bool
 }
@@ -114,17 +115,16 @@ func (g *Registration) supervise() {
 		}
 		g.mu.Lock()
 		if g.pub == pub {
-			g.pub = nil
+			g.pub, g.lost = nil, pub
 		}
 		inst := g.inst
 		g.mu.Unlock()
 		g.setStatus(Retrying, err)
 		log.Warn("registry: registration lost, registering again", "instance", inst.String(), "err", err)
-		// Release what the lost publication held; its entry is gone or
-		// about to be replaced.
-		wctx, cancel := context.WithTimeout(g.ctx, g.r.opts.CallTimeout)
-		_ = pub.Withdraw(wctx)
-		cancel()
+		// The lost publication is not withdrawn: its entry may still be
+		// valid on the server (a lease the client gave up on but the server
+		// kept), and deleting it would make the instance flap. The next
+		// publication replaces it.
 		if !g.republish() {
 			return
 		}
@@ -154,7 +154,7 @@ func (g *Registration) republish() bool {
 			continue
 		}
 		g.mu.Lock()
-		g.pub = pub
+		g.pub, g.lost = pub, nil
 		g.status = Status{State: Registered, Since: time.Now(), Reregistrations: g.status.Reregistrations + 1}
 		g.mu.Unlock()
 		g.opMu.Unlock()
@@ -214,12 +214,14 @@ func (g *Registration) Deregister(ctx context.Context) error {
 	g.r.forget(g)
 	g.mu.Lock()
 	pub, inst := g.pub, g.inst
-	g.pub = nil
+	if pub == nil {
+		// Lost and not yet published again: withdraw what may remain of it.
+		pub = g.lost
+	}
+	g.pub, g.lost = nil, nil
 	g.mu.Unlock()
 	g.setStatus(Deregistered, nil)
 	if pub == nil {
-		// Lost, and the supervisor had not published it again: nothing to
-		// withdraw.
 		return nil
 	}
 	return opErr("deregister", inst.Service, pub.Withdraw(ctx))

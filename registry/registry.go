@@ -69,7 +69,7 @@ type Options struct {
 	// The zero value means 100ms to 10s, jittered.
 	Backoff Backoff
 	// CallTimeout bounds each backend call made in the background
-	// (re-registration, relist); 10s when zero.
+	// (re-registration); 5s when zero.
 	CallTimeout time.Duration
 	// CloseTimeout bounds the deregistrations done by Close; 5s when zero.
 	CloseTimeout time.Duration
@@ -87,7 +87,7 @@ func New(b driver.Backend, opts *Options) Registry {
 	}
 	o.Backoff = o.Backoff.withDefaults()
 	if o.CallTimeout <= 0 {
-		o.CallTimeout = 10 * time.Second
+		o.CallTimeout = 5 * time.Second
 	}
 	if o.CloseTimeout <= 0 {
 		o.CloseTimeout = 5 * time.Second

@@ -46,6 +46,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 
 	"github.com/rollcall-go/rollcall/registry"
 	"github.com/rollcall-go/rollcall/registry/driver"
@@ -84,6 +86,14 @@ func openURL(ctx context.Context, u *url.URL) (registry.Registry, error) {
 		return nil, err
 	}
 	cfg.Logger = zapLogger(opts.Logger)
+	// Notice a dead connection within seconds, and reconnect within about
+	// two seconds of the server coming back (gRPC's default backoff grows
+	// to two minutes).
+	cfg.DialKeepAliveTime, cfg.DialKeepAliveTimeout = 5*time.Second, 3*time.Second
+	cfg.DialOptions = append(cfg.DialOptions, grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
+		MinConnectTimeout: 3 * time.Second,
+	}))
 	// clientv3.New authenticates at once when given a user and password, so
 	// the client is made at first use: Open never dials.
 	where := registry.RedactURL(u)

@@ -63,7 +63,13 @@ type Publication interface {
 	// Update replaces the published instance (same service and ID) with inst.
 	Update(ctx context.Context, inst Instance) error
 	// Withdraw removes the instance from the registry and releases what the
-	// publication holds. It is called at most once, also after Lost.
+	// publication holds. It is called at most once: on Deregister or Close,
+	// for the live publication or, if the registration was lost and not yet
+	// published again, for the lost one (whose remains it should remove if
+	// they are still there). A lost publication that gets replaced by a new
+	// Publish of the same instance is dropped without Withdraw, because its
+	// entry may still be valid on the server: the backend releases what it
+	// held when it reports the loss or when the new Publish replaces it.
 	Withdraw(ctx context.Context) error
 }
 
