@@ -472,8 +472,8 @@ func (b *backend) Close() error {
 	b.mu.Unlock()
 	b.sessMu.Unlock()
 	var err error
-	if ss != nil && !ss.isLost() {
-		ss.close(errClosed)
+	if ss != nil && !ss.IsLost() {
+		ss.Lose(errClosed)
 		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
 		err = b.deregisterSession(ctx, ss)
 		cancel()

@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -41,62 +40,17 @@ var (
 // session is a registrar's heartbeat service and its TTL check; all the
 // publications of a backend made while it lives alias it.
 type session struct {
+	driver.Loss
 	sid, cid string
-	lost     chan struct{}
-	once     sync.Once
-	err      error // set before lost is closed
-}
-
-func (ss *session) close(err error) {
-	ss.once.Do(func() { ss.err = err; close(ss.lost) })
-}
-
-func (ss *session) isLost() bool {
-	select {
-	case <-ss.lost:
-		return true
-	default:
-		return false
-	}
 }
 
 type publication struct {
-	b        *backend
-	sess     *session
-	sid, cid string // Consul service ID and its alias check's ID
-	lost     chan struct{}
-	once     sync.Once
-
-	mu  sync.Mutex
-	err error
+	driver.Loss // Lost and Err
+	b           *backend
+	sess        *session
+	sid, cid    string // Consul service ID and its alias check's ID
 
 	live bool // registered on the agent; guarded by b.mu
-}
-
-func (p *publication) lose(err error) {
-	p.once.Do(func() {
-		p.mu.Lock()
-		p.err = err
-		p.mu.Unlock()
-		close(p.lost)
-	})
-}
-
-func (p *publication) isLost() bool {
-	select {
-	case <-p.lost:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *publication) Lost() <-chan struct{} { return p.lost }
-
-func (p *publication) Err() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.err
 }
 
 // session returns the live session, registering a new heartbeat if needed.
@@ -109,7 +63,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 	if closed {
 		return nil, errClosed
 	}
-	if cur != nil && !cur.isLost() {
+	if cur != nil && !cur.IsLost() {
 		return cur, nil
 	}
 	var rnd [8]byte
@@ -118,7 +72,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 	if err := b.register(ctx, reg); err != nil {
 		return nil, err
 	}
-	ss := &session{sid: reg.ID, cid: reg.Check.CheckID, lost: make(chan struct{})}
+	ss := &session{sid: reg.ID, cid: reg.Check.CheckID}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -141,10 +95,10 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 // loseSession marks ss and every publication on it lost, and removes its
 // heartbeat from the agent in the background.
 func (b *backend) loseSession(ss *session, err error) {
-	if ss.isLost() {
+	if ss.IsLost() {
 		return
 	}
-	ss.close(err)
+	ss.Lose(err)
 	b.mu.Lock()
 	var lost []*publication
 	for _, p := range b.pubs {
@@ -154,7 +108,7 @@ func (b *backend) loseSession(ss *session, err error) {
 	}
 	b.mu.Unlock()
 	for _, p := range lost {
-		p.lose(err)
+		p.Lose(err)
 	}
 	b.dropSession(ss)
 }
@@ -191,7 +145,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err != nil {
 		return nil, err
 	}
-	p := &publication{b: b, sess: ss, sid: reg.ID, cid: reg.Check.CheckID, lost: make(chan struct{})}
+	p := &publication{b: b, sess: ss, sid: reg.ID, cid: reg.Check.CheckID}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -201,7 +155,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	b.pubs[p.sid] = p
 	b.mu.Unlock()
 	if old != nil {
-		old.lose(errReplaced)
+		old.Lose(errReplaced)
 	}
 	if err := b.register(ctx, reg); err != nil {
 		b.forget(p)
@@ -210,8 +164,8 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	b.mu.Lock()
 	p.live = true
 	b.mu.Unlock()
-	if ss.isLost() { // lost while we were registering
-		p.lose(ss.err)
+	if ss.IsLost() { // lost while we were registering
+		p.Lose(ss.Err())
 	}
 	return p, nil
 }
@@ -252,7 +206,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 // publication of the same instance replaced this one.
 func (p *publication) Withdraw(ctx context.Context) error {
 	owner := p.b.forget(p)
-	p.lose(errWithdrawn)
+	p.Lose(errWithdrawn)
 	if !owner {
 		return nil
 	}
@@ -307,13 +261,13 @@ func (b *backend) renewRound() error {
 	var pubs []*publication
 	if ss != nil {
 		for _, p := range b.pubs {
-			if p.sess == ss && p.live && !p.isLost() {
+			if p.sess == ss && p.live && !p.IsLost() {
 				pubs = append(pubs, p)
 			}
 		}
 	}
 	b.mu.Unlock()
-	if ss == nil || ss.isLost() {
+	if ss == nil || ss.IsLost() {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(b.ctx, b.ttl/3)
@@ -330,7 +284,7 @@ func (b *backend) renewRound() error {
 		}
 		for _, p := range pubs {
 			if _, ok := states[p.cid]; !ok {
-				p.lose(ErrServiceGone)
+				p.Lose(ErrServiceGone)
 			}
 		}
 	}

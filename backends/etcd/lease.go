@@ -3,7 +3,6 @@ package etcd
 import (
 	"context"
 	"errors"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -22,25 +21,10 @@ var (
 
 // session is the backend's lease and the loops that keep and guard it.
 type session struct {
+	driver.Loss
 	n      int // publications in b.pubs using this session; guarded by b.mu
 	id     clientv3.LeaseID
-	lost   chan struct{}
-	once   sync.Once
-	err    error
 	cancel context.CancelFunc
-}
-
-func (ss *session) close(err error) {
-	ss.once.Do(func() { ss.err = err; close(ss.lost) })
-}
-
-func (ss *session) isLost() bool {
-	select {
-	case <-ss.lost:
-		return true
-	default:
-		return false
-	}
 }
 
 // session returns the live session, granting a lease and starting its
@@ -51,7 +35,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 	b.mu.Lock()
 	cur := b.sess
 	b.mu.Unlock()
-	if cur != nil && !cur.isLost() {
+	if cur != nil && !cur.IsLost() {
 		return cur, nil
 	}
 	if b.ctx.Err() != nil {
@@ -71,7 +55,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		cancel()
 		return nil, err
 	}
-	ss := &session{id: grant.ID, lost: make(chan struct{}), cancel: cancel}
+	ss := &session{id: grant.ID, cancel: cancel}
 	b.mu.Lock()
 	b.sess = ss
 	b.mu.Unlock()
@@ -113,7 +97,7 @@ func (b *backend) guard(ctx context.Context, ss *session, rev int64) {
 				}
 			}
 		}
-		if ctx.Err() != nil || ss.isLost() {
+		if ctx.Err() != nil || ss.IsLost() {
 			return
 		}
 		// The watch ended (compaction, lost leader): re-check every key.
@@ -166,12 +150,12 @@ func (b *backend) keyGone(ss *session, key string, rev int64) {
 	p := b.pubs[key]
 	b.mu.Unlock()
 	if p != nil && p.sess == ss && rev > p.rev.Load() {
-		p.lose(ErrKeyGone)
+		p.Lose(ErrKeyGone)
 	}
 }
 
 func (b *backend) loseSession(ss *session, err error) {
-	ss.close(err)
+	ss.Lose(err)
 	ss.cancel()
 	b.mu.Lock()
 	var lost []*publication
@@ -185,7 +169,7 @@ func (b *backend) loseSession(ss *session, err error) {
 	}
 	b.mu.Unlock()
 	for _, p := range lost {
-		p.lose(err)
+		p.Lose(err)
 	}
 }
 
@@ -208,7 +192,7 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		return nil, err
 	}
 	key := b.key(inst)
-	p := &publication{b: b, key: key, sess: ss, lost: make(chan struct{})}
+	p := &publication{b: b, key: key, sess: ss}
 	b.mu.Lock()
 	old := b.pubs[key]
 	b.pubs[key] = p
@@ -218,7 +202,7 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	}
 	b.mu.Unlock()
 	if old != nil {
-		old.lose(errors.New("etcd: replaced by a newer registration"))
+		old.Lose(errors.New("etcd: replaced by a newer registration"))
 	}
 	resp, err := b.cli.Put(clientv3.WithRequireLeader(ctx), key, val, clientv3.WithLease(ss.id))
 	if err != nil {
@@ -229,8 +213,8 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		return nil, err
 	}
 	p.rev.Store(resp.Header.Revision)
-	if ss.isLost() {
-		p.lose(ss.err)
+	if ss.IsLost() {
+		p.Lose(ss.Err())
 	}
 	return p, nil
 }
@@ -252,31 +236,11 @@ func (b *backend) forget(p *publication) (last bool) {
 }
 
 type publication struct {
-	b    *backend
-	rev  atomic.Int64 // revision of the last put of this publication
-	key  string
-	sess *session
-	lost chan struct{}
-	once sync.Once
-	mu   sync.Mutex
-	err  error
-}
-
-func (p *publication) lose(err error) {
-	p.once.Do(func() {
-		p.mu.Lock()
-		p.err = err
-		p.mu.Unlock()
-		close(p.lost)
-	})
-}
-
-func (p *publication) Lost() <-chan struct{} { return p.lost }
-
-func (p *publication) Err() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.err
+	driver.Loss // Lost and Err
+	b           *backend
+	rev         atomic.Int64 // revision of the last put of this publication
+	key         string
+	sess        *session
 }
 
 func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
@@ -296,7 +260,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 // revokes the lease when no publication needs it any more.
 func (p *publication) Withdraw(ctx context.Context) error {
 	last := p.b.forget(p)
-	p.lose(errors.New("etcd: withdrawn"))
+	p.Lose(errors.New("etcd: withdrawn"))
 	b := p.b
 	_, err := b.cli.Txn(clientv3.WithRequireLeader(ctx)).
 		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id)).
@@ -315,7 +279,7 @@ func (p *publication) Withdraw(ctx context.Context) error {
 		b.mu.Unlock()
 		b.sessMu.Unlock()
 		if current {
-			p.sess.close(errors.New("etcd: no registrations left"))
+			p.sess.Lose(errors.New("etcd: no registrations left"))
 			p.sess.cancel()
 			if _, err := b.cli.Revoke(ctx, p.sess.id); err != nil && !isLeaseNotFound(err) {
 				return unavailable(err)

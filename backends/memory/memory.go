@@ -101,14 +101,8 @@ var (
 // session is one lease and its keepalive loop; all publications of a
 // backend share it.
 type session struct {
-	id   int64
-	lost chan struct{}
-	once sync.Once
-	err  error
-}
-
-func (ss *session) close(err error) {
-	ss.once.Do(func() { ss.err = err; close(ss.lost) })
+	id int64
+	driver.Loss
 }
 
 var errCrashed = errors.New("memory: client crashed")
@@ -123,14 +117,10 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 	if crashed {
 		return nil, errCrashed
 	}
-	if cur != nil {
-		select {
-		case <-cur.lost:
-		default:
-			return cur, nil
-		}
+	if cur != nil && !cur.IsLost() {
+		return cur, nil
 	}
-	ss := &session{lost: make(chan struct{})}
+	ss := &session{}
 	id, err := b.s.grant(ctx, b.ttl, func(err error) { b.loseSession(ss, err) }, b.keyGone)
 	if err != nil {
 		return nil, err
@@ -146,7 +136,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 
 // loseSession marks the session and every publication on it lost.
 func (b *backend) loseSession(ss *session, err error) {
-	ss.close(err)
+	ss.Lose(err)
 	b.mu.Lock()
 	var lost []*publication
 	for _, p := range b.pubs {
@@ -156,7 +146,7 @@ func (b *backend) loseSession(ss *session, err error) {
 	}
 	b.mu.Unlock()
 	for _, p := range lost {
-		p.lose(err)
+		p.Lose(err)
 	}
 }
 
@@ -171,7 +161,7 @@ func (b *backend) keepAlive(ss *session) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-ss.lost:
+		case <-ss.Lost():
 			return
 		case <-t.C:
 		}
@@ -192,7 +182,7 @@ func (b *backend) keyGone(k [2]string) {
 	p := b.pubs[k]
 	b.mu.Unlock()
 	if p != nil {
-		p.lose(ErrKeyGone)
+		p.Lose(ErrKeyGone)
 	}
 }
 
@@ -202,13 +192,13 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		return nil, err
 	}
 	k := [2]string{inst.Service, inst.ID}
-	p := &publication{b: b, key: k, sess: ss, lost: make(chan struct{})}
+	p := &publication{b: b, key: k, sess: ss}
 	b.mu.Lock()
 	old := b.pubs[k]
 	b.pubs[k] = p
 	b.mu.Unlock()
 	if old != nil {
-		old.lose(errors.New("memory: replaced by a newer registration"))
+		old.Lose(errors.New("memory: replaced by a newer registration"))
 	}
 	if err := b.s.put(ctx, ss.id, inst); err != nil {
 		b.forget(p)
@@ -217,10 +207,8 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		}
 		return nil, err
 	}
-	select {
-	case <-ss.lost: // lost while we were publishing
-		p.lose(ss.err)
-	default:
+	if ss.IsLost() { // lost while we were publishing
+		p.Lose(ss.Err())
 	}
 	return p, nil
 }
@@ -287,30 +275,10 @@ func (b *backend) Close() error {
 }
 
 type publication struct {
-	b    *backend
-	key  [2]string
-	sess *session
-	lost chan struct{}
-	once sync.Once
-	mu   sync.Mutex
-	err  error
-}
-
-func (p *publication) lose(err error) {
-	p.once.Do(func() {
-		p.mu.Lock()
-		p.err = err
-		p.mu.Unlock()
-		close(p.lost)
-	})
-}
-
-func (p *publication) Lost() <-chan struct{} { return p.lost }
-
-func (p *publication) Err() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.err
+	driver.Loss // Lost and Err
+	b           *backend
+	key         [2]string
+	sess        *session
 }
 
 func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
@@ -322,7 +290,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 
 func (p *publication) Withdraw(ctx context.Context) error {
 	p.b.forget(p)
-	p.lose(errors.New("memory: withdrawn"))
+	p.Lose(errors.New("memory: withdrawn"))
 	if p.b.isCrashed() {
 		return errCrashed
 	}
