@@ -29,24 +29,9 @@ import (
 // session is one Lease and its renewal loop; every publication of a backend
 // is tied to it.
 type session struct {
+	driver.Loss
 	name string
 	uid  types.UID
-	lost chan struct{}
-	once sync.Once
-	err  error
-}
-
-func (ss *session) close(err error) {
-	ss.once.Do(func() { ss.err = err; close(ss.lost) })
-}
-
-func (ss *session) isLost() bool {
-	select {
-	case <-ss.lost:
-		return true
-	default:
-		return false
-	}
 }
 
 func (b *backend) leaseSeconds() int32 {
@@ -71,7 +56,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		return nil, errCrashed
 	case closed:
 		return nil, errors.New("k8s: backend closed")
-	case cur != nil && !cur.isLost():
+	case cur != nil && !cur.IsLost():
 		return cur, nil
 	}
 	now := metav1.NowMicro()
@@ -93,12 +78,12 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		return nil, b.wrap(ctx, "create", resLeases, err)
 	}
 	b.noteUp()
-	ss := &session{name: created.Name, uid: created.UID, lost: make(chan struct{})}
+	ss := &session{name: created.Name, uid: created.UID}
 	b.mu.Lock()
 	b.sess = ss
 	b.mu.Unlock()
 	if !b.goFunc(func() { b.keepAlive(ss) }) {
-		ss.close(errors.New("k8s: backend closed"))
+		ss.Lose(errors.New("k8s: backend closed"))
 		return nil, errors.New("k8s: backend closed")
 	}
 	b.log.Debug("k8s: lease created", "lease", ss.name)
@@ -128,7 +113,7 @@ func (b *backend) sweep() {
 
 // loseSession marks the session and every publication on it lost.
 func (b *backend) loseSession(ss *session, err error) {
-	ss.close(err)
+	ss.Lose(err)
 	b.mu.Lock()
 	var lost []*publication
 	for _, p := range b.pubs {
@@ -138,7 +123,7 @@ func (b *backend) loseSession(ss *session, err error) {
 	}
 	b.mu.Unlock()
 	for _, p := range lost {
-		p.lose(err)
+		p.Lose(err)
 	}
 	b.log.Warn("k8s: lease lost", "lease", ss.name, "err", err)
 }
@@ -155,7 +140,7 @@ func (b *backend) keepAlive(ss *session) {
 		select {
 		case <-b.ctx.Done():
 			return
-		case <-ss.lost:
+		case <-ss.Lost():
 			return
 		case <-t.C:
 		}
@@ -235,7 +220,7 @@ func (b *backend) checkSlices(ctx context.Context, ss *session) error {
 	}
 	b.mu.Unlock()
 	for _, p := range gone {
-		p.lose(fmt.Errorf("%w: %s", ErrSliceGone, p.key[0]+"/"+p.key[1]))
+		p.Lose(fmt.Errorf("%w: %s", ErrSliceGone, p.key[0]+"/"+p.key[1]))
 	}
 	return nil
 }
@@ -260,7 +245,7 @@ func (b *backend) listSliceMeta(ctx context.Context, selector string) ([]metav1.
 
 // revoke deletes the session's Lease and the slices still tied to it.
 func (b *backend) revoke(ctx context.Context, ss *session) error {
-	ss.close(errors.New("k8s: closed"))
+	ss.Lose(errors.New("k8s: closed"))
 	var errs []error
 	if list, err := b.listSliceMeta(ctx, LabelLease+"="+ss.name); err == nil {
 		for _, m := range list {
@@ -384,13 +369,13 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		return nil, err
 	}
 	k := [2]string{inst.Service, inst.ID}
-	p := &publication{b: b, key: k, t: t, sess: ss, lost: make(chan struct{})}
+	p := &publication{b: b, key: k, t: t, sess: ss}
 	b.mu.Lock()
 	old := b.pubs[k]
 	b.pubs[k] = p
 	b.mu.Unlock()
 	if old != nil {
-		old.lose(errors.New("k8s: replaced by a newer registration"))
+		old.Lose(errors.New("k8s: replaced by a newer registration"))
 		if name, uid, _ := old.current(); old.sess != ss && name != "" {
 			// A lost registration's slice, tied to a Lease that is gone:
 			// nobody else may clean it up where no watcher runs.
@@ -407,8 +392,8 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		return nil, err
 	}
 	p.set(written)
-	if ss.isLost() { // lost while we were publishing
-		p.lose(ss.err)
+	if ss.IsLost() { // lost while we were publishing
+		p.Lose(ss.Err())
 	}
 	return p, nil
 }
@@ -483,15 +468,13 @@ func (b *backend) forget(p *publication) (replaced bool) {
 
 // publication is one registered instance: one EndpointSlice.
 type publication struct {
-	b    *backend
-	key  [2]string // service, ID
-	t    target
-	sess *session
-	lost chan struct{}
-	once sync.Once
+	driver.Loss // Lost and Err
+	b           *backend
+	key         [2]string // service, ID
+	t           target
+	sess        *session
 
 	mu      sync.Mutex
-	err     error
 	slice   *discoveryv1.EndpointSlice // as last written
 	at      time.Time                  // when it was last written
 	writing int                        // writes in flight
@@ -515,23 +498,6 @@ func (p *publication) current() (string, types.UID, time.Time) {
 	return p.slice.Name, p.slice.UID, p.at
 }
 
-func (p *publication) lose(err error) {
-	p.once.Do(func() {
-		p.mu.Lock()
-		p.err = err
-		p.mu.Unlock()
-		close(p.lost)
-	})
-}
-
-func (p *publication) Lost() <-chan struct{} { return p.lost }
-
-func (p *publication) Err() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.err
-}
-
 func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	if p.b.isCrashed() {
 		return errCrashed
@@ -552,7 +518,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	}
 	p.mu.Unlock()
 	if errors.Is(err, ErrSliceGone) {
-		p.lose(err)
+		p.Lose(err)
 	}
 	return err
 }
@@ -561,7 +527,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 // instance on the same Lease has taken it over (same name).
 func (p *publication) Withdraw(ctx context.Context) error {
 	p.b.forget(p)
-	p.lose(errors.New("k8s: withdrawn"))
+	p.Lose(errors.New("k8s: withdrawn"))
 	if p.b.isCrashed() {
 		return errCrashed
 	}
