@@ -16,7 +16,7 @@ import (
 
 	"github.com/rollcall-go/rollcall/backends/consul"
 	"github.com/rollcall-go/rollcall/conformance"
-	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/internal/testserver/provider"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -67,12 +67,12 @@ func newClient(t testing.TB, addr string, tr *cutTransport) *api.Client {
 
 type harness struct {
 	t     *testing.T
-	srv   *testserver.ConsulServer
-	admin *api.Client // another client, for the faults
+	srv   provider.Consul // a child process, or a container (ROLLCALL_TEST_SERVERS=containers)
+	admin *api.Client     // another client, for the faults
 }
 
 func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
-	srv := testserver.StartConsulServer(t)
+	srv := provider.StartConsul(t)
 	return &harness{t: t, srv: srv, admin: newClient(t, srv.Addr(), newCutTransport())}, nil
 }
 

@@ -11,7 +11,7 @@ import (
 
 	"github.com/rollcall-go/rollcall/backends/etcd"
 	"github.com/rollcall-go/rollcall/conformance"
-	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/internal/testserver/provider"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -19,7 +19,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 type harness struct {
 	t     *testing.T
-	srv   *testserver.Etcd
+	srv   provider.Etcd // a child process, or a container (ROLLCALL_TEST_SERVERS=containers)
 	admin *clientv3.Client
 }
 
@@ -45,7 +45,7 @@ func newClient(t testing.TB, ep string) *clientv3.Client {
 }
 
 func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
-	srv := testserver.StartEtcd(t)
+	srv := provider.StartEtcd(t)
 	h := &harness{t: t, srv: srv, admin: newClient(t, srv.Endpoint())}
 	return h, nil
 }

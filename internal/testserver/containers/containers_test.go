@@ -1,0 +1,76 @@
+package containers_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+
+	"github.com/rollcall-go/rollcall/internal/testserver/containers"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func requireContainers(t *testing.T) {
+	t.Helper()
+	if !containers.Selected() {
+		t.Skipf("runs only with %s=%s: it needs a Docker engine and the server images (see docs/CI.md)",
+			containers.EnvServers, containers.Provider)
+	}
+}
+
+func etcdClient(t *testing.T, ep string) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// TestEtcdFaults checks each fault control of an etcd container: a paused
+// server does not answer, a stopped one keeps its data, a wiped one has none,
+// all on the same address.
+func TestEtcdFaults(t *testing.T) {
+	requireContainers(t)
+	e := containers.StartEtcd(t)
+	cli := etcdClient(t, e.Endpoint())
+	if _, err := cli.Put(ctxFor(t, 10*time.Second), "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+
+	e.Pause()
+	_, err := cli.Get(ctxFor(t, time.Second), "k")
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Get from a paused etcd: %v, want a deadline error", err)
+	}
+	e.Resume()
+	if _, err := cli.Get(ctxFor(t, 10*time.Second), "k"); err != nil {
+		t.Fatalf("Get after Resume: %v", err)
+	}
+
+	e.Stop()
+	if _, err := cli.Get(ctxFor(t, time.Second), "k"); err == nil {
+		t.Fatal("Get from a stopped etcd succeeded")
+	}
+	e.Start()
+	if resp, err := cli.Get(ctxFor(t, 10*time.Second), "k"); err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("after Stop and Start: %v, %v; want the key kept", resp, err)
+	}
+
+	e.Restart(true)
+	if resp, err := cli.Get(ctxFor(t, 10*time.Second), "k"); err != nil || len(resp.Kvs) != 0 {
+		t.Fatalf("after a wipe: %v, %v; want no key", resp, err)
+	}
+}

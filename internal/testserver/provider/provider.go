@@ -1,0 +1,90 @@
+// Package provider chooses where the conformance harnesses' servers run:
+// as child processes of the test (package testserver, the default) or in
+// Docker containers through testcontainers-go (package
+// testserver/containers), by the environment variable
+//
+//	ROLLCALL_TEST_SERVERS=local       (or unset) child processes
+//	ROLLCALL_TEST_SERVERS=containers  containers; images per ROLLCALL_<SERVER>_IMAGE
+//
+// Both give the same methods, so a harness holds the interface and calls
+// StartEtcd or StartConsul instead of the testserver function. Methods call
+// t.Fatal on failure: call them from the test's goroutine.
+package provider
+
+import (
+	"os"
+	"testing"
+
+	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/internal/testserver/containers"
+)
+
+// Etcd is a single-member etcd cluster for a test.
+type Etcd interface {
+	// Endpoint returns the client address, 127.0.0.1:port.
+	Endpoint() string
+	// Pause freezes the server (SIGSTOP, or docker pause); Resume undoes it.
+	Pause()
+	Resume()
+	// Stop kills the server, keeping its data; Start starts it again on
+	// the same address; Wipe (while stopped) drops its data.
+	Stop()
+	Start()
+	Wipe()
+	Restart(wipe bool)
+}
+
+// Consul is a single-server Consul agent for a test whose state survives
+// Stop and Start (testserver.StartConsulServer, or a container).
+type Consul interface {
+	// Addr returns the address of the HTTP API, 127.0.0.1:port.
+	Addr() string
+	Pause()
+	Resume()
+	Stop()
+	Start()
+	Wipe()
+}
+
+var (
+	_ Etcd   = (*testserver.Etcd)(nil)
+	_ Etcd   = (*containers.Etcd)(nil)
+	_ Consul = (*testserver.ConsulServer)(nil)
+	_ Consul = (*containers.Consul)(nil)
+)
+
+// Containers reports whether the servers run in containers. A value of
+// ROLLCALL_TEST_SERVERS other than "", "local" and "containers" fails the
+// test.
+func Containers(t testing.TB) bool {
+	t.Helper()
+	switch v := os.Getenv(containers.EnvServers); v {
+	case "", "local":
+		return false
+	case containers.Provider:
+		return true
+	default:
+		t.Fatalf("%s=%q: want %q (child processes, the default) or %q", containers.EnvServers, v, "local", containers.Provider)
+		return false
+	}
+}
+
+// StartEtcd starts etcd and waits until it serves requests; it is stopped
+// and removed when the test ends.
+func StartEtcd(t testing.TB) Etcd {
+	t.Helper()
+	if Containers(t) {
+		return containers.StartEtcd(t)
+	}
+	return testserver.StartEtcd(t)
+}
+
+// StartConsul starts a persistent single-server Consul agent and waits until
+// it has a leader; it is stopped and removed when the test ends.
+func StartConsul(t testing.TB) Consul {
+	t.Helper()
+	if Containers(t) {
+		return containers.StartConsul(t)
+	}
+	return testserver.StartConsulServer(t)
+}
