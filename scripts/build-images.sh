@@ -7,12 +7,13 @@
 #   rollcall-test/consul:<version>     consul, built by scripts/build-servers.sh
 #   rollcall-test/toxiproxy:<version>  toxiproxy-server (the partition tests' proxy),
 #                                      built here from tools/servers/toxiproxy
+#   rollcall-test/kube-apiserver:<version>  kube-apiserver, built by scripts/build-servers.sh
 #
 # The binaries sit at the paths of the official images (and the images have
 # the same entrypoints), so the tests run either. An image that is already
 # there is not rebuilt; a binary that is already in the cache is not rebuilt.
 #
-# Usage: scripts/build-images.sh [--env] [etcd|consul|toxiproxy|all]...  (default: all)
+# Usage: scripts/build-images.sh [--env] [etcd|consul|toxiproxy|kube-apiserver|all]...  (default: all)
 #   --env  print, on stdout, the `export ROLLCALL_..._IMAGE=...` lines that make
 #          the tests use these images (progress goes to stderr), e.g.
 #          eval "$(scripts/build-images.sh --env)"
@@ -26,7 +27,7 @@ export CGO_ENABLED=0
 log() { echo "build-images: $*" >&2; }
 
 usage() {
-	echo "usage: $0 [--env] [etcd|consul|toxiproxy|all]..." >&2
+	echo "usage: $0 [--env] [etcd|consul|toxiproxy|kube-apiserver|all]..." >&2
 	exit 2
 }
 
@@ -48,12 +49,13 @@ version_of() {
 binary() {
 	local name=$1 version bin tmp
 	case $name in
-	etcd | consul)
+	etcd | consul | kube-apiserver)
 		# build-servers.sh owns these; it skips what is cached.
 		bash "$repo_root/scripts/build-servers.sh" "$name" >&2
 		case $name in
 		etcd) version=$(version_of etcd go.etcd.io/etcd/server/v3) ;;
 		consul) version=$(version_of consul github.com/hashicorp/consul) ;;
+		kube-apiserver) version=$(version_of kube-apiserver k8s.io/kubernetes) ;;
 		esac
 		echo "$cache/$name-$version/$name"
 		;;
@@ -112,6 +114,14 @@ image() {
 			CMD ["agent", "-dev", "-client", "0.0.0.0"]
 		EOF
 		;;
+	kube-apiserver)
+		cat >"$ctx/Dockerfile" <<-'EOF'
+			FROM scratch
+			COPY kube-apiserver /usr/local/bin/kube-apiserver
+			EXPOSE 6443
+			ENTRYPOINT ["/usr/local/bin/kube-apiserver"]
+		EOF
+		;;
 	toxiproxy)
 		cat >"$ctx/Dockerfile" <<-'EOF'
 			FROM scratch
@@ -132,6 +142,7 @@ env_var() {
 	etcd) echo ROLLCALL_ETCD_IMAGE ;;
 	consul) echo ROLLCALL_CONSUL_IMAGE ;;
 	toxiproxy) echo ROLLCALL_TOXIPROXY_IMAGE ;;
+	kube-apiserver) echo ROLLCALL_KUBE_APISERVER_IMAGE ;;
 	esac
 }
 
@@ -140,12 +151,12 @@ names=()
 for arg in "$@"; do
 	case $arg in
 	--env) print_env=true ;;
-	all) names+=(etcd consul toxiproxy) ;;
-	etcd | consul | toxiproxy) names+=("$arg") ;;
+	all) names+=(etcd consul toxiproxy kube-apiserver) ;;
+	etcd | consul | toxiproxy | kube-apiserver) names+=("$arg") ;;
 	*) usage ;;
 	esac
 done
-[[ ${#names[@]} -gt 0 ]] || names=(etcd consul toxiproxy)
+[[ ${#names[@]} -gt 0 ]] || names=(etcd consul toxiproxy kube-apiserver)
 
 work=$(mktemp -d)
 trap 'rm -rf -- "$work"' EXIT

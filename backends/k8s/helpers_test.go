@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/internal/testserver/provider"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -55,13 +56,13 @@ func testLogger() *slog.Logger {
 
 // kubeEnv is a kube-apiserver for a test, with an admin client.
 type kubeEnv struct {
-	srv   *testserver.Kube
+	srv   provider.Kube // child processes, or containers (ROLLCALL_TEST_SERVERS=containers)
 	admin kubernetes.Interface
 }
 
 func startKube(t testing.TB, users ...string) *kubeEnv {
 	t.Helper()
-	srv := testserver.StartKube(t, &testserver.KubeOptions{Users: users})
+	srv := provider.StartKube(t, &testserver.KubeOptions{Users: users})
 	e := &kubeEnv{srv: srv}
 	e.admin = e.clientset(t, testserver.KubeAdmin)
 	return e

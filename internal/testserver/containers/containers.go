@@ -68,6 +68,8 @@ var Images = map[string]struct{ Env, Default string }{
 	"etcd":      {"ROLLCALL_ETCD_IMAGE", "gcr.io/etcd-development/etcd:v3.6.16"},
 	"consul":    {"ROLLCALL_CONSUL_IMAGE", "hashicorp/consul:1.16.3"},
 	"toxiproxy": {"ROLLCALL_TOXIPROXY_IMAGE", "ghcr.io/shopify/toxiproxy:2.12.0"},
+	// The API server runs with an etcd container of its own (etcd's image).
+	"kube-apiserver": {"ROLLCALL_KUBE_APISERVER_IMAGE", "registry.k8s.io/kube-apiserver:v1.37.1"},
 }
 
 // Image returns the image used for server name: the value of its

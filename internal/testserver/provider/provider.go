@@ -7,7 +7,7 @@
 //	ROLLCALL_TEST_SERVERS=containers  containers; images per ROLLCALL_<SERVER>_IMAGE
 //
 // Both give the same methods, so a harness holds the interface and calls
-// StartEtcd or StartConsul instead of the testserver function. Methods call
+// StartEtcd, StartConsul or StartKube instead of the testserver function. Methods call
 // t.Fatal on failure: call them from the test's goroutine.
 package provider
 
@@ -46,7 +46,30 @@ type Consul interface {
 	Wipe()
 }
 
+// Kube is a kube-apiserver with an etcd of its own, for a test
+// (testserver.Kube, or a container of each).
+type Kube interface {
+	// Host returns the API server's URL, https://127.0.0.1:port.
+	Host() string
+	// CAData returns the PEM certificate of the CA of the serving
+	// certificate; Token the bearer token of KubeAdmin or a user of
+	// KubeOptions; WriteKubeconfig a kubeconfig file for user.
+	CAData() []byte
+	Token(user string) string
+	WriteKubeconfig(user, namespace string) string
+	// Pause, Resume, Stop and Start act on the API server (etcd keeps
+	// running); Restart(true) also empties etcd.
+	Pause()
+	Resume()
+	Stop()
+	Start()
+	Restart(wipe bool)
+	Running() bool
+}
+
 var (
+	_ Kube   = (*testserver.Kube)(nil)
+	_ Kube   = (*containers.Kube)(nil)
 	_ Etcd   = (*testserver.Etcd)(nil)
 	_ Etcd   = (*containers.Etcd)(nil)
 	_ Consul = (*testserver.ConsulServer)(nil)
@@ -87,4 +110,18 @@ func StartConsul(t testing.TB) Consul {
 		return containers.StartConsul(t)
 	}
 	return testserver.StartConsulServer(t)
+}
+
+// StartKube starts etcd and kube-apiserver and waits until the API server
+// is ready; they are stopped and removed when the test ends.
+func StartKube(t testing.TB, opts *testserver.KubeOptions) Kube {
+	t.Helper()
+	if Containers(t) {
+		var users []string
+		if opts != nil {
+			users = opts.Users
+		}
+		return containers.StartKube(t, users)
+	}
+	return testserver.StartKube(t, opts)
 }
