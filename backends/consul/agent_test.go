@@ -20,6 +20,7 @@ import (
 
 	"github.com/rollcall-go/rollcall/backends/consul"
 	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -37,17 +38,7 @@ func qopts(t *testing.T) *api.QueryOptions {
 	return (&api.QueryOptions{}).WithContext(ctxFor(t, 30*time.Second))
 }
 
-// waitUntil polls cond until it holds or the deadline passes.
-func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond) // polling interval
-	}
-}
+var waitUntil = testutil.WaitFor
 
 // newRegistry returns a Registry over a client of addr whose requests tr
 // counts; it is closed at the end of the test.

@@ -22,6 +22,7 @@ import (
 
 	"github.com/rollcall-go/rollcall/internal/testserver"
 	"github.com/rollcall-go/rollcall/internal/testserver/provider"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -133,17 +134,7 @@ func ctxFor(t testing.TB, d time.Duration) context.Context {
 	return ctx
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond) // polling interval, not synchronisation
-	}
-}
+var waitFor = testutil.WaitFor
 
 func ids(list []registry.Instance) []string {
 	out := make([]string, len(list))
