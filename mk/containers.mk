@@ -13,6 +13,8 @@
 
 CONTAINERS_TEST_TIMEOUT ?= 30m
 CONTAINERS_TEST_RUN ?= Conformance|Partition|Faults
+# The packages whose harnesses run their servers in containers.
+CONTAINERS_TEST_PKGS ?= ./backends/etcd/ ./backends/consul/ ./backends/k8s/ ./internal/testserver/containers/
 
 .PHONY: images test-containers
 
@@ -29,5 +31,4 @@ test-containers:
 	fi; \
 	set -e; eval "$$(bash scripts/build-images.sh --env)"; \
 	export TESTCONTAINERS_RYUK_DISABLED=true ROLLCALL_TEST_SERVERS=containers; \
-	$(GO) test -race -p 2 -timeout $(CONTAINERS_TEST_TIMEOUT) -run '$(CONTAINERS_TEST_RUN)' \
-		./backends/... ./internal/testserver/containers/
+	$(GO) test -race -count=1 -p 2 -timeout $(CONTAINERS_TEST_TIMEOUT) -run '$(CONTAINERS_TEST_RUN)' $(CONTAINERS_TEST_PKGS)

@@ -3,6 +3,10 @@ package containers_test
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -72,5 +76,21 @@ func TestEtcdFaults(t *testing.T) {
 	e.Restart(true)
 	if resp, err := cli.Get(ctxFor(t, 10*time.Second), "k"); err != nil || len(resp.Kvs) != 0 {
 		t.Fatalf("after a wipe: %v, %v; want no key", resp, err)
+	}
+}
+
+// The GitHub Actions workflow pulls the default images before the tests:
+// its list must follow Images.
+func TestWorkflowPullsTheDefaultImages(t *testing.T) {
+	path := filepath.Join("..", "..", "..", ".github", "workflows", "conformance.yml")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	words := strings.Fields(string(b))
+	for name, spec := range containers.Images {
+		if !slices.Contains(words, spec.Default) {
+			t.Errorf("%s does not pull %s, the default image of %s", path, spec.Default, name)
+		}
 	}
 }
