@@ -8,12 +8,15 @@
 #   rollcall-test/toxiproxy:<version>  toxiproxy-server (the partition tests' proxy),
 #                                      built here from tools/servers/toxiproxy
 #   rollcall-test/kube-apiserver:<version>  kube-apiserver, built by scripts/build-servers.sh
+#   rollcall-test/nacos-test-server:<hash>  the project's Nacos 2.x protocol server
+#                                      (internal/testserver/nacosserver/cmd/nacos-test-server);
+#                                      needs only Go and Docker, so CI builds it too
 #
 # The binaries sit at the paths of the official images (and the images have
 # the same entrypoints), so the tests run either. An image that is already
 # there is not rebuilt; a binary that is already in the cache is not rebuilt.
 #
-# Usage: scripts/build-images.sh [--env] [etcd|consul|toxiproxy|kube-apiserver|all]...  (default: all)
+# Usage: scripts/build-images.sh [--env] [etcd|consul|toxiproxy|kube-apiserver|nacos-test-server|all]...  (default: all)
 #   --env  print, on stdout, the `export ROLLCALL_..._IMAGE=...` lines that make
 #          the tests use these images (progress goes to stderr), e.g.
 #          eval "$(scripts/build-images.sh --env)"
@@ -27,7 +30,7 @@ export CGO_ENABLED=0
 log() { echo "build-images: $*" >&2; }
 
 usage() {
-	echo "usage: $0 [--env] [etcd|consul|toxiproxy|kube-apiserver|all]..." >&2
+	echo "usage: $0 [--env] [etcd|consul|toxiproxy|kube-apiserver|nacos-test-server|all]..." >&2
 	exit 2
 }
 
@@ -69,6 +72,28 @@ binary() {
 			(cd "$repo_root/tools/servers/toxiproxy" &&
 				go build -mod=readonly -trimpath -buildvcs=false -ldflags "-s -w" \
 					-o "$tmp" github.com/Shopify/toxiproxy/v2/cmd/server) || {
+				rm -f "$tmp"
+				exit 1
+			}
+			chmod 0755 "$tmp"
+			mv -f "$tmp" "$bin"
+		fi
+		echo "$bin"
+		;;
+	nacos-test-server)
+		# The project's own Nacos 2.x protocol server: versioned by a hash of
+		# its sources and of the root module's requirements.
+		version=$(cd "$repo_root" &&
+			cat go.mod go.sum $(find internal/testserver/nacosserver -name '*.go' ! -name '*_test.go' | LC_ALL=C sort) |
+			sha256sum | cut -c1-12)
+		bin=$cache/nacos-test-server-$version/nacos-test-server
+		if [[ ! -x $bin ]]; then
+			mkdir -p "$(dirname "$bin")"
+			tmp=$(mktemp "$(dirname "$bin")/.nacos-test-server.XXXXXX")
+			log "nacos-test-server $version: building ./internal/testserver/nacosserver/cmd/nacos-test-server -> $bin"
+			(cd "$repo_root" &&
+				go build -mod=readonly -trimpath -buildvcs=false -ldflags "-s -w" \
+					-o "$tmp" ./internal/testserver/nacosserver/cmd/nacos-test-server) || {
 				rm -f "$tmp"
 				exit 1
 			}
@@ -122,6 +147,14 @@ image() {
 			ENTRYPOINT ["/usr/local/bin/kube-apiserver"]
 		EOF
 		;;
+	nacos-test-server)
+		cat >"$ctx/Dockerfile" <<-'EOF'
+			FROM scratch
+			COPY nacos-test-server /nacos-test-server
+			EXPOSE 8848 9848 18848
+			ENTRYPOINT ["/nacos-test-server"]
+		EOF
+		;;
 	toxiproxy)
 		cat >"$ctx/Dockerfile" <<-'EOF'
 			FROM scratch
@@ -143,6 +176,7 @@ env_var() {
 	consul) echo ROLLCALL_CONSUL_IMAGE ;;
 	toxiproxy) echo ROLLCALL_TOXIPROXY_IMAGE ;;
 	kube-apiserver) echo ROLLCALL_KUBE_APISERVER_IMAGE ;;
+	nacos-test-server) echo ROLLCALL_NACOS_IMAGE ;;
 	esac
 }
 
@@ -151,12 +185,12 @@ names=()
 for arg in "$@"; do
 	case $arg in
 	--env) print_env=true ;;
-	all) names+=(etcd consul toxiproxy kube-apiserver) ;;
-	etcd | consul | toxiproxy | kube-apiserver) names+=("$arg") ;;
+	all) names+=(etcd consul toxiproxy kube-apiserver nacos-test-server) ;;
+	etcd | consul | toxiproxy | kube-apiserver | nacos-test-server) names+=("$arg") ;;
 	*) usage ;;
 	esac
 done
-[[ ${#names[@]} -gt 0 ]] || names=(etcd consul toxiproxy kube-apiserver)
+[[ ${#names[@]} -gt 0 ]] || names=(etcd consul toxiproxy kube-apiserver nacos-test-server)
 
 work=$(mktemp -d)
 trap 'rm -rf -- "$work"' EXIT

@@ -68,6 +68,9 @@ var Images = map[string]struct{ Env, Default string }{
 	"etcd":      {"ROLLCALL_ETCD_IMAGE", "gcr.io/etcd-development/etcd:v3.6.16"},
 	"consul":    {"ROLLCALL_CONSUL_IMAGE", "hashicorp/consul:1.16.3"},
 	"toxiproxy": {"ROLLCALL_TOXIPROXY_IMAGE", "ghcr.io/shopify/toxiproxy:2.12.0"},
+	// No default: the project's Nacos 2.x protocol server, whose image
+	// scripts/build-images.sh builds (see StartNacos).
+	"nacos": {"ROLLCALL_NACOS_IMAGE", ""},
 	// The API server runs with an etcd container of its own (etcd's image).
 	"kube-apiserver": {"ROLLCALL_KUBE_APISERVER_IMAGE", "registry.k8s.io/kube-apiserver:v1.37.1"},
 }
@@ -82,7 +85,7 @@ func Image(name string) string {
 	if img := os.Getenv(spec.Env); img != "" {
 		return img
 	}
-	return spec.Default
+	return spec.Default // "" when there is none
 }
 
 const (
@@ -220,6 +223,8 @@ type Server struct {
 	// networks); probe tells whether the server answers.
 	customize func(s *Server) []testcontainers.ContainerCustomizer
 	probe     func(ctx context.Context, s *Server) error
+	// pickPorts chooses the host ports, one per port; freePorts when nil.
+	pickPorts func() ([]int, error)
 	// runner runs the container: testcontainers.Run, or a module's Run.
 	runner func(ctx context.Context, img string, opts ...testcontainers.ContainerCustomizer) (*testcontainers.DockerContainer, error)
 
@@ -246,7 +251,11 @@ func (s *Server) start() {
 	s.t.Cleanup(s.terminate)
 	var err error
 	for attempt := 1; attempt <= 3; attempt++ {
-		ports, perr := freePorts(len(s.ports))
+		pick := s.pickPorts
+		if pick == nil {
+			pick = func() ([]int, error) { return freePorts(len(s.ports)) }
+		}
+		ports, perr := pick()
 		if perr != nil {
 			s.t.Fatal(perr)
 		}
@@ -412,10 +421,13 @@ func (s *Server) Start() {
 	s.running = true
 }
 
-// Restart stops the server, wipes its data if wipe is true, and starts it.
+// Restart stops the server (if it runs), wipes its data if wipe is true,
+// and starts it.
 func (s *Server) Restart(wipe bool) {
 	s.t.Helper()
-	s.Stop()
+	if s.running {
+		s.Stop()
+	}
 	if wipe {
 		s.Wipe()
 	}

@@ -3,13 +3,17 @@ package containers_test
 import (
 	"context"
 	"errors"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nacos-group/nacos-sdk-go/v2/model"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
@@ -89,8 +93,47 @@ func TestWorkflowPullsTheDefaultImages(t *testing.T) {
 	}
 	words := strings.Fields(string(b))
 	for name, spec := range containers.Images {
-		if !slices.Contains(words, spec.Default) {
+		if spec.Default != "" && !slices.Contains(words, spec.Default) {
 			t.Errorf("%s does not pull %s, the default image of %s", path, spec.Default, name)
 		}
 	}
+}
+
+// TestNacosControls checks the Nacos test server's container: the gRPC port
+// is published at Addr's port + 1000, the control API answers, a paused
+// server does not.
+func TestNacosControls(t *testing.T) {
+	requireContainers(t)
+	if os.Getenv(containers.Images["nacos"].Env) == "" {
+		t.Skipf("%s is not set: scripts/build-images.sh --env nacos-test-server builds the image and prints it", containers.Images["nacos"].Env)
+	}
+	n := containers.StartNacos(t)
+	host, port, err := net.SplitHostPort(n.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := strconv.Atoi(port)
+	if got, want := n.HostPort(containers.NacosGRPCPort), net.JoinHostPort(host, strconv.Itoa(p+1000)); got != want {
+		t.Fatalf("gRPC published on %s, want %s", got, want)
+	}
+	c, err := net.DialTimeout("tcp", n.HostPort(containers.NacosGRPCPort), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	n.SetPushDelay(200 * time.Millisecond)
+	n.Inject("", "", "svc", model.Instance{Ip: "127.0.0.1", Port: 1, Enable: true, Healthy: true})
+	if got := n.DropConnections(); got != 0 {
+		t.Errorf("DropConnections = %d with no client, want 0", got)
+	}
+	n.Pause()
+	ctx := ctxFor(t, time.Second)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+n.HostPort(containers.NacosControlPort)+"/healthz", nil)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatal("a paused server answered")
+	}
+	n.Resume()
+	n.Restart(false)
+	n.SetPushDelay(time.Second) // answers again
 }

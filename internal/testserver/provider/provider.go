@@ -7,16 +7,21 @@
 //	ROLLCALL_TEST_SERVERS=containers  containers; images per ROLLCALL_<SERVER>_IMAGE
 //
 // Both give the same methods, so a harness holds the interface and calls
-// StartEtcd, StartConsul or StartKube instead of the testserver function. Methods call
+// StartEtcd, StartConsul, StartKube or StartNacos instead of the testserver
+// or nacosserver function. Methods call
 // t.Fatal on failure: call them from the test's goroutine.
 package provider
 
 import (
 	"os"
 	"testing"
+	"time"
+
+	"github.com/nacos-group/nacos-sdk-go/v2/model"
 
 	"github.com/rollcall-go/rollcall/internal/testserver"
 	"github.com/rollcall-go/rollcall/internal/testserver/containers"
+	"github.com/rollcall-go/rollcall/internal/testserver/nacosserver"
 )
 
 // Etcd is a single-member etcd cluster for a test.
@@ -67,7 +72,25 @@ type Kube interface {
 	Running() bool
 }
 
+// Nacos is a Nacos 2.x naming server for a test: the project's protocol
+// server, in process (nacosserver.Start) or in a container of its own
+// command (containers.StartNacos).
+type Nacos interface {
+	// Addr is the host:port to configure the SDK with (gRPC is port+1000).
+	Addr() string
+	Pause()
+	Resume()
+	Stop()
+	Start()
+	Restart(wipe bool)
+	SetPushDelay(time.Duration)
+	DropConnections() int
+	Inject(namespace, group, service string, inst model.Instance)
+}
+
 var (
+	_ Nacos  = (*nacosserver.Server)(nil)
+	_ Nacos  = (*containers.Nacos)(nil)
 	_ Kube   = (*testserver.Kube)(nil)
 	_ Kube   = (*containers.Kube)(nil)
 	_ Etcd   = (*testserver.Etcd)(nil)
@@ -124,4 +147,15 @@ func StartKube(t testing.TB, opts *testserver.KubeOptions) Kube {
 		return containers.StartKube(t, users)
 	}
 	return testserver.StartKube(t, opts)
+}
+
+// StartNacos starts a Nacos 2.x protocol server; it is stopped and removed
+// when the test ends. In a container, a stopped server starts again empty
+// (the in-process one keeps the injected instances).
+func StartNacos(t testing.TB) Nacos {
+	t.Helper()
+	if Containers(t) {
+		return containers.StartNacos(t)
+	}
+	return nacosserver.Start(t)
 }
