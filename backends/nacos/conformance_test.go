@@ -1,0 +1,166 @@
+package nacos_test
+
+import (
+	"context"
+
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/nacos-group/nacos-sdk-go/v2/model"
+
+	"github.com/rollcall-go/rollcall/backends/nacos"
+	"github.com/rollcall-go/rollcall/conformance"
+	"github.com/rollcall-go/rollcall/internal/testserver/nacosserver"
+	"github.com/rollcall-go/rollcall/registry"
+)
+
+// testPushDelay is the server's push merge window in the tests (Nacos'
+// default is 500 ms; shorter keeps the suite quick, and much shorter makes
+// the 500-instance burst spend its time decoding pushes).
+const testPushDelay = 200 * time.Millisecond
+
+type harness struct {
+	t   *testing.T
+	srv *nacosserver.Server
+	dir string
+}
+
+func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
+	srv := nacosserver.Start(t)
+	srv.SetPushDelay(testPushDelay)
+	return &harness{t: t, srv: srv, dir: t.TempDir()}, nil
+}
+
+// newClient makes an SDK client of the harness's server.
+func (h *harness) newClient() (*nacos.Client, error) {
+	cli, err := nacos.NewClient(nacos.ClientOptions{Servers: []string{h.srv.Addr()}, Timeout: 3 * time.Second, CacheDir: h.dir})
+	if err != nil {
+		return nil, err
+	}
+	return cli, nil
+}
+
+// ownedRegistry is a Registry over a client of the harness's, which its
+// Close also closes, as a process's exit would.
+type ownedRegistry struct {
+	registry.Registry
+	cli *nacos.Client
+}
+
+func (r ownedRegistry) Close() error {
+	err := r.Registry.Close()
+	r.cli.CloseClient()
+	return err
+}
+
+func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
+	cli, err := h.newClient()
+	if err != nil {
+		return nil, err
+	}
+	r, err := nacos.New(cli, &nacos.Options{TTL: ttl})
+	if err != nil {
+		cli.CloseClient()
+		return nil, err
+	}
+	return ownedRegistry{r, cli}, nil
+}
+
+// Crash closes the SDK client without deregistering anything: its
+// connection closes and the server drops its ephemeral instances, as when
+// the process dies.
+func (h *harness) Crash(r registry.Registry) error {
+	if raceChild() {
+		_ = r.Close() // the suite skips the test, leaving r to us
+		return errRaceSDK
+	}
+	or, ok := r.(ownedRegistry)
+	if !ok {
+		return fmt.Errorf("Crash of a registry the harness did not make: %T", r)
+	}
+	or.cli.CloseClient()
+	_ = or.Registry.Close() // its deregistrations fail: the client is closed
+	return nil
+}
+
+func (h *harness) URLs() (string, []string) {
+	a := h.srv.Addr()
+	return "nacos://" + a + "/?ttl=2s&timeout=3s", []string{
+		"nacos://" + a + "/?ttl=banana",
+		"nacos://" + a + "/?ttl=-1s",
+		"nacos://" + a + "/?unknown=1",
+		"nacos://" + a + "/?cluster=not_valid",
+		"nacos://" + a + "/?group=a@@b",
+		"nacos://" + a + "/a/path",
+		"nacos://user:s3cret@" + a + "/?bogus=1",
+		"nacos://user:hunter2@" + a + "/x",
+		"nacos://%zz",
+		"nacos:///",
+	}
+}
+
+// The fault controls that make the SDK reconnect are refused under -race
+// (see child_test.go) and run in TestConformanceWithoutRace.
+
+func (h *harness) PauseServer(context.Context) error {
+	if raceChild() {
+		return errRaceSDK
+	}
+	h.srv.Pause()
+	return nil
+}
+
+func (h *harness) ResumeServer(context.Context) error { h.srv.Resume(); return nil }
+
+func (h *harness) StopServer(context.Context) error {
+	if raceChild() {
+		return errRaceSDK
+	}
+	h.srv.Stop()
+	return nil
+}
+
+func (h *harness) StartServer(_ context.Context, wipe bool) error {
+	if wipe {
+		h.srv.Restart(true) // starts the stopped server with no data
+	} else {
+		h.srv.Start()
+	}
+	return nil
+}
+
+// RevokeLeases: a Nacos 2.x registration's lease is its client's connection;
+// the server closing every connection ends them all.
+func (h *harness) RevokeLeases(context.Context) error {
+	if raceChild() {
+		return errRaceSDK
+	}
+	h.srv.DropConnections()
+	return nil
+}
+
+func (h *harness) DeleteInstance(context.Context, string, string) error {
+	return fmt.Errorf("%w: a Nacos 2.x ephemeral instance can only be removed by the connection that registered it "+
+		"(a deregistration from another client is a no-op on the server); RevokeLeases covers the loss of the connection", conformance.ErrUnsupported)
+}
+
+func (h *harness) WriteGarbage(_ context.Context, service string) error {
+	ok := func(ip string, port uint64, md map[string]string) model.Instance {
+		return model.Instance{Ip: ip, Port: port, Weight: 1, Enable: true, Healthy: true, Ephemeral: true, Metadata: md}
+	}
+	h.srv.Inject("", "", service, ok("127.0.0.1", 0, map[string]string{nacos.MetaID: "no-port"}))
+	h.srv.Inject("", "", service, ok("127.0.0.1", 7001, map[string]string{nacos.MetaID: "bad/id"}))
+	h.srv.Inject("", "", service, ok("not an ip", 7002, map[string]string{nacos.MetaID: "bad-host"}))
+	h.srv.Inject("", "", service, ok("127.0.0.1", 7003, map[string]string{nacos.MetaID: "bad-weight", registry.MetaWeight: "-5"}))
+	h.srv.Inject("", "", service, ok("127.0.0.1", 7004, map[string]string{nacos.MetaID: "bad-meta", "a key": "v"}))
+	return nil
+}
+
+// Close does nothing: every registry the suite makes is closed by the suite,
+// which closes its client, and the server stops when the test ends.
+func (h *harness) Close() {}
+
+func TestConformance(t *testing.T) {
+	conformance.RunConformanceTests(t, newHarness)
+}

@@ -1,0 +1,119 @@
+package nacos
+
+import (
+	"reflect"
+	"sync"
+	"time"
+	"unsafe"
+
+	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
+	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client/naming_grpc"
+	"github.com/nacos-group/nacos-sdk-go/v2/common/remote/rpc"
+)
+
+// The SDK does not expose its connection state: the gRPC client that knows
+// it sits in unexported fields (NamingClient.serviceProxy ->
+// NamingProxyDelegate.grpcClientProxy -> NamingGrpcProxy.rpcClient). Its
+// RpcClient has an exported RegisterConnectionListener, which the SDK uses
+// itself for its redo. hookConnection reaches it by reflection, checking every
+// step, and registers l after the SDK's own listener, so that l runs after the
+// SDK's redo on each connection (listeners run in order, on one goroutine).
+// With another client type, or another SDK layout, it returns false and the
+// backend does without connection events.
+
+// rpcClient returns the SDK's gRPC client under cli.
+func rpcClient(cli naming_client.INamingClient) (*rpc.RpcClient, bool) {
+	nc, ok := sdkClient(cli).(*naming_client.NamingClient)
+	if !ok || nc == nil {
+		return nil, false
+	}
+	sp, ok := unexported(reflect.ValueOf(nc).Elem(), "serviceProxy")
+	if !ok {
+		return nil, false
+	}
+	delegate, ok := sp.Interface().(*naming_client.NamingProxyDelegate)
+	if !ok || delegate == nil {
+		return nil, false
+	}
+	gp, ok := unexported(reflect.ValueOf(delegate).Elem(), "grpcClientProxy")
+	if !ok {
+		return nil, false
+	}
+	grpcProxy, ok := gp.Interface().(*naming_grpc.NamingGrpcProxy)
+	if !ok || grpcProxy == nil {
+		return nil, false
+	}
+	rc, ok := unexported(reflect.ValueOf(grpcProxy).Elem(), "rpcClient")
+	if !ok {
+		return nil, false
+	}
+	client, ok := rc.Interface().(rpc.IRpcClient)
+	if !ok || client == nil || client.GetRpcClient() == nil {
+		return nil, false
+	}
+	return client.GetRpcClient(), true
+}
+
+// hookConnection registers l with the gRPC client under cli.
+func hookConnection(cli naming_client.INamingClient, l rpc.IConnectionEventListener) bool {
+	rc, ok := rpcClient(cli)
+	if ok {
+		rc.RegisterConnectionListener(l)
+	}
+	return ok
+}
+
+// eventPending reports whether the SDK's connection-event queue holds an
+// event its goroutine has not taken yet.
+func eventPending(rc *rpc.RpcClient) bool {
+	ch, ok := unexported(reflect.ValueOf(rc).Elem(), "eventChan")
+	return ok && ch.Kind() == reflect.Chan && ch.Len() > 0
+}
+
+// awaitInitialEvent waits (up to max) until the SDK has handled the
+// CONNECTED event that NewNamingClient queues as it returns: handling it runs
+// the SDK's redo, which, if it ran after the first registrations, could send
+// again a registration withdrawn in between.
+func awaitInitialEvent(cli naming_client.INamingClient, max time.Duration) {
+	rc, ok := rpcClient(cli)
+	if !ok {
+		return
+	}
+	seen := make(chan struct{})
+	var once sync.Once
+	rc.RegisterConnectionListener(funcListener(func() { once.Do(func() { close(seen) }) }))
+	if !eventPending(rc) {
+		return // taken already: the redo found nothing registered
+	}
+	t := time.NewTimer(max)
+	defer t.Stop()
+	select {
+	case <-seen:
+	case <-t.C:
+	}
+}
+
+// funcListener calls itself on every connection.
+type funcListener func()
+
+func (f funcListener) OnConnected()  { f() }
+func (f funcListener) OnDisConnect() {}
+
+// unexported returns the named field of the struct v, readable.
+func unexported(v reflect.Value, name string) (reflect.Value, bool) {
+	if v.Kind() != reflect.Struct {
+		return reflect.Value{}, false
+	}
+	f := v.FieldByName(name)
+	if !f.IsValid() || !f.CanAddr() {
+		return reflect.Value{}, false
+	}
+	return reflect.NewAt(f.Type(), unsafe.Pointer(f.UnsafeAddr())).Elem(), true
+}
+
+// connListener forwards the SDK's connection events to a backend. It must
+// not block: it runs on the SDK's event goroutine.
+type connListener struct{ b *backend }
+
+func (l connListener) OnConnected()  { l.b.onConnected() }
+func (l connListener) OnDisConnect() { l.b.onDisconnected() }

@@ -1,0 +1,420 @@
+package nacos
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
+	"github.com/nacos-group/nacos-sdk-go/v2/vo"
+
+	"github.com/rollcall-go/rollcall/registry"
+	"github.com/rollcall-go/rollcall/registry/driver"
+)
+
+// svcState is what a backend registers in one service. Nacos keeps one
+// publication per service and connection, so the service's instances are
+// always sent together.
+type svcState struct {
+	name   string
+	sub    *subscription // shows what the server has; held while the state lives
+	sendMu sync.Mutex    // serialises the SDK register calls of this service
+
+	// Guarded by backend.mu.
+	users     int                        // operations in progress
+	desired   map[string]driver.Instance // what should be registered, lost publications included
+	pubs      map[string]*publication
+	sent      map[string]driver.Instance // what the connection holds, as last sent (= the SDK's redo cache)
+	sentValid bool                       // false after a failed send: the server's state is unknown
+	dirty     bool                       // desired may differ from what the server has
+	retryAt   time.Time
+}
+
+// useState returns the state of service, creating it, and counts a user.
+func (b *backend) useState(service string) *svcState {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	st := b.svcs[service]
+	if st == nil {
+		st = &svcState{name: service, sub: b.acquireSubLocked(service), desired: map[string]driver.Instance{},
+			pubs: map[string]*publication{}, sent: map[string]driver.Instance{}, sentValid: true}
+		b.svcs[service] = st
+	}
+	st.users++
+	return st
+}
+
+// doneState ends a use of st.
+func (b *backend) doneState(st *svcState) {
+	b.mu.Lock()
+	st.users--
+	b.mu.Unlock()
+	b.maybeDrop(st)
+}
+
+// maybeDrop forgets st once it holds nothing.
+func (b *backend) maybeDrop(st *svcState) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if st.users > 0 || len(st.desired) > 0 || len(st.pubs) > 0 || len(st.sent) > 0 || !st.sentValid || st.dirty {
+		return
+	}
+	if b.svcs[st.name] == st {
+		delete(b.svcs, st.name)
+		b.releaseSubLocked(st.sub)
+	}
+}
+
+func sameInstance(a, b driver.Instance) bool {
+	return a.Addr == b.Addr && maps.Equal(a.Metadata, b.Metadata)
+}
+
+func sameSet(a, b map[string]driver.Instance) bool {
+	return maps.EqualFunc(a, b, sameInstance)
+}
+
+// sync sends st's desired instances unless the connection already holds
+// them (or always, with force). Concurrent callers are merged: whoever holds
+// sendMu sends everything desired at that time.
+func (b *backend) sync(cli naming_client.INamingClient, st *svcState, force bool) error {
+	st.sendMu.Lock()
+	defer st.sendMu.Unlock()
+	b.mu.Lock()
+	want := maps.Clone(st.desired)
+	same := st.sentValid && sameSet(want, st.sent)
+	prev := maps.Clone(st.sent)
+	b.mu.Unlock()
+	if same && !force {
+		return nil
+	}
+	err := b.send(cli, st.name, want, prev)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err != nil {
+		st.sentValid, st.dirty, st.retryAt = false, true, time.Now().Add(time.Second)
+		return err
+	}
+	st.sent, st.sentValid = want, true
+	st.dirty = !sameSet(st.desired, want)
+	return nil
+}
+
+// send registers exactly want in service for this connection: a deregister
+// when it is empty, a register for one instance, a batch register for more.
+func (b *backend) send(cli naming_client.INamingClient, service string, want, prev map[string]driver.Instance) error {
+	var ok bool
+	var err error
+	var op string
+	switch len(want) {
+	case 0:
+		op = "deregister"
+		p := vo.DeregisterInstanceParam{ServiceName: service, GroupName: b.group, Cluster: b.cluster, Ephemeral: true, Ip: "0.0.0.0", Port: 1}
+		for _, in := range prev { // the server drops the connection's whole publication whatever ip/port
+			p.Ip, p.Port, _ = splitAddr(in.Addr)
+			break
+		}
+		ok, err = cli.DeregisterInstance(p)
+	case 1:
+		op = "register"
+		for _, in := range want {
+			var p vo.RegisterInstanceParam
+			if p, err = b.param(in); err == nil {
+				ok, err = cli.RegisterInstance(p)
+			}
+		}
+	default:
+		op = "batch register"
+		p := vo.BatchRegisterInstanceParam{ServiceName: service, GroupName: b.group}
+		for _, id := range slices.Sorted(maps.Keys(want)) {
+			ip, err := b.param(want[id])
+			if err != nil {
+				return err
+			}
+			p.Instances = append(p.Instances, ip)
+		}
+		ok, err = cli.BatchRegisterInstance(p)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: nacos: %s in %s: %w", registry.ErrUnavailable, op, service, err)
+	}
+	if !ok {
+		return fmt.Errorf("nacos: %s in %s: the server refused it", op, service)
+	}
+	return nil
+}
+
+func splitAddr(addr string) (string, uint64, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	return host, p, err
+}
+
+// Nacos' "preserved" heart-beat metadata keys, which its server checks
+// (NamingUtils.checkInstanceIsLegal).
+const (
+	metaHeartBeatInterval = "preserved.heart.beat.interval"
+	metaHeartBeatTimeout  = "preserved.heart.beat.timeout"
+	metaIPDeleteTimeout   = "preserved.ip.delete.timeout"
+)
+
+// checkMetadata refuses what the Nacos server would refuse (an error answer
+// also makes the SDK check its connection and replay everything).
+func checkMetadata(in driver.Instance) error {
+	millis := func(key string, def int64) (int64, error) {
+		v := in.Metadata[key]
+		if v == "" {
+			return def, nil
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("%w: nacos: metadata %q=%q is not a number of milliseconds", registry.ErrInvalidInstance, key, v)
+		}
+		return n, nil
+	}
+	interval, err := millis(metaHeartBeatInterval, 5000)
+	if err != nil {
+		return err
+	}
+	timeout, err := millis(metaHeartBeatTimeout, 15000)
+	if err != nil {
+		return err
+	}
+	ipDelete, err := millis(metaIPDeleteTimeout, 30000)
+	if err != nil {
+		return err
+	}
+	if timeout < interval || ipDelete < interval {
+		return fmt.Errorf("%w: nacos: metadata %s must not exceed %s nor %s", registry.ErrInvalidInstance,
+			metaHeartBeatInterval, metaHeartBeatTimeout, metaIPDeleteTimeout)
+	}
+	return nil
+}
+
+// param is the Nacos form of a rollcall instance: see the package doc.
+func (b *backend) param(in driver.Instance) (vo.RegisterInstanceParam, error) {
+	ip, port, err := splitAddr(in.Addr)
+	if err != nil {
+		return vo.RegisterInstanceParam{}, fmt.Errorf("nacos: address %q: %w", in.Addr, err)
+	}
+	md := make(map[string]string, len(in.Metadata)+1)
+	maps.Copy(md, in.Metadata)
+	md[MetaID] = in.ID
+	weight := 1.0
+	if w, err := strconv.Atoi(in.Metadata[registry.MetaWeight]); err == nil && w > 0 {
+		weight = float64(w)
+	}
+	return vo.RegisterInstanceParam{Ip: ip, Port: port, Weight: weight, Enable: true, Healthy: true, Metadata: md,
+		ClusterName: b.cluster, ServiceName: in.Service, GroupName: b.group, Ephemeral: true}, nil
+}
+
+// publication is one published instance.
+type publication struct {
+	driver.Loss
+	b    *backend
+	st   *svcState
+	id   string
+	inst driver.Instance // guarded by backend.mu
+
+	mu      sync.Mutex
+	visible bool // the server showed it; from then on its absence loses it
+}
+
+func (p *publication) setVisible() {
+	p.mu.Lock()
+	p.visible = true
+	p.mu.Unlock()
+}
+
+func (p *publication) isVisible() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.visible
+}
+
+// Publish publishes inst. A publication of the same ID that was lost keeps
+// its instance registered (the SDK's redo may have restored it) until this
+// one replaces it.
+func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Publication, error) {
+	if err := checkMetadata(inst); err != nil {
+		return nil, err
+	}
+	cli, err := b.client(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st := b.useState(inst.Service)
+	defer b.doneState(st)
+	if err := st.sub.subscribe(ctx, cli); err != nil {
+		return nil, err
+	}
+	p := &publication{b: b, st: st, id: inst.ID, inst: inst}
+	b.mu.Lock()
+	old := st.pubs[inst.ID]
+	st.pubs[inst.ID] = p
+	st.desired[inst.ID] = inst
+	held, ok := st.sent[inst.ID]
+	already := ok && st.sentValid && sameInstance(held, inst)
+	b.mu.Unlock()
+	if already {
+		// This connection sent it already (before the loss, or the SDK's
+		// redo did after a reconnect): if the server shows it, there is
+		// nothing to send.
+		if st.sub.waitFor(ctx, redoGrace, "instance "+inst.ID, shown(inst)) == nil {
+			return b.published(p, old), nil
+		}
+	}
+	err = b.sync(cli, st, already)
+	if err == nil {
+		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst))
+	}
+	if err != nil {
+		b.publishFailed(st, p, old)
+		return nil, err
+	}
+	return b.published(p, old), nil
+}
+
+// settle waits until the server's list of st's service satisfies cond. If it
+// does not within redoGrace, it sends st's instances once more and waits on:
+// a replay of the SDK's (its redo, on each new connection, re-sends what it
+// read from its cache, possibly just before a newer request of ours went out)
+// can have undone what was sent.
+func (b *backend) settle(ctx context.Context, cli naming_client.INamingClient, st *svcState, what string, cond func(map[string]driver.Instance) bool) error {
+	if err := st.sub.waitFor(ctx, redoGrace, what, cond); err == nil || ctx.Err() != nil {
+		return err
+	}
+	b.log.Debug("nacos: the server does not show what was sent; sending it again", "service", st.name, "waiting for", what)
+	if err := b.sync(cli, st, true); err != nil {
+		return err
+	}
+	return st.sub.waitFor(ctx, 0, what, cond)
+}
+
+func shown(inst driver.Instance) func(map[string]driver.Instance) bool {
+	return func(m map[string]driver.Instance) bool {
+		cur, ok := m[inst.ID]
+		return ok && sameInstance(cur, inst)
+	}
+}
+
+func gone(id string) func(map[string]driver.Instance) bool {
+	return func(m map[string]driver.Instance) bool {
+		_, ok := m[id]
+		return !ok
+	}
+}
+
+// published ends a successful Publish: p is visible and replaces old.
+func (b *backend) published(p, old *publication) *publication {
+	p.setVisible()
+	if old != nil {
+		old.Lose(errReplaced)
+	}
+	return p
+}
+
+// publishFailed undoes a Publish whose instance did not become visible: a
+// publication it was replacing (lost, whose registration is being retried)
+// is back in place, with its instance; anything else is withdrawn by the
+// maintenance loop.
+func (b *backend) publishFailed(st *svcState, p, old *publication) {
+	b.mu.Lock()
+	if st.pubs[p.id] == p {
+		if old != nil {
+			st.pubs[p.id] = old
+			st.desired[p.id] = old.inst
+		} else {
+			delete(st.pubs, p.id)
+			delete(st.desired, p.id)
+		}
+		st.dirty = true
+	}
+	b.mu.Unlock()
+	p.Lose(errWithdrawn)
+}
+
+func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
+	if err := checkMetadata(inst); err != nil {
+		return err
+	}
+	b, st := p.b, p.st
+	cli, err := b.client(ctx)
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	if st.pubs[p.id] != p {
+		b.mu.Unlock()
+		return errors.New("nacos: update of a withdrawn or replaced registration")
+	}
+	prev := st.desired[p.id]
+	st.desired[p.id], p.inst = inst, inst
+	b.mu.Unlock()
+	err = b.sync(cli, st, false)
+	if err == nil {
+		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst))
+	}
+	if err != nil {
+		b.mu.Lock()
+		if st.pubs[p.id] == p {
+			st.desired[p.id], p.inst = prev, prev
+			st.dirty = true
+		}
+		b.mu.Unlock()
+	}
+	return err
+}
+
+// Withdraw removes the instance at once, also when the publication was lost
+// (the SDK's redo may have registered it again).
+func (p *publication) Withdraw(ctx context.Context) error {
+	b, st := p.b, p.st
+	b.mu.Lock()
+	mine := st.pubs[p.id] == p
+	if mine {
+		delete(st.pubs, p.id)
+		delete(st.desired, p.id)
+	}
+	st.users++
+	b.mu.Unlock()
+	defer b.doneState(st)
+	p.Lose(errWithdrawn)
+	if !mine {
+		return nil
+	}
+	cli, err := b.client(ctx)
+	if err != nil {
+		return err
+	}
+	if err := b.sync(cli, st, false); err != nil {
+		return err
+	}
+	return b.settle(ctx, cli, st, "the removal of "+p.id, gone(p.id))
+}
+
+// checkAbsence loses the visible publications of service that a new list
+// from the server lacks.
+func (b *backend) checkAbsence(service string, snap map[string]driver.Instance) {
+	var lost []*publication
+	b.mu.Lock()
+	if st := b.svcs[service]; st != nil {
+		for id, p := range st.pubs {
+			if _, ok := snap[id]; !ok && p.isVisible() {
+				lost = append(lost, p)
+			}
+		}
+	}
+	b.mu.Unlock()
+	for _, p := range lost {
+		p.Lose(errGone)
+	}
+}

@@ -1,0 +1,444 @@
+package nacos
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"math"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
+	"github.com/nacos-group/nacos-sdk-go/v2/model"
+	"github.com/nacos-group/nacos-sdk-go/v2/vo"
+
+	"github.com/rollcall-go/rollcall/registry"
+	"github.com/rollcall-go/rollcall/registry/driver"
+)
+
+// subscription is the backend's one SDK subscription to a service, shared
+// by its streams, its Lookups and its publications of that service.
+type subscription struct {
+	b     *backend
+	name  string
+	param *vo.SubscribeParam // the SDK tells callbacks apart by &param.SubscribeCallback
+
+	// Guarded by backend.mu.
+	refs      int
+	idleSince time.Time
+
+	mu         sync.Mutex
+	subscribed bool
+	dead       bool
+	ready      bool                       // snap holds a list from the server
+	snap       map[string]driver.Instance // never modified: replaced
+	delta      driver.Event               // from the list of version ver-1 to snap
+	ver        uint64
+	changed    chan struct{} // closed and replaced on every new list
+}
+
+func (b *backend) acquireSubLocked(service string) *subscription {
+	s := b.subs[service]
+	if s == nil {
+		s = &subscription{b: b, name: service, changed: make(chan struct{})}
+		s.param = &vo.SubscribeParam{ServiceName: service, GroupName: b.group, SubscribeCallback: s.onPush}
+		b.subs[service] = s
+	}
+	s.refs++
+	return s
+}
+
+func (b *backend) acquireSub(service string) *subscription {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.acquireSubLocked(service)
+}
+
+func (b *backend) releaseSubLocked(s *subscription) {
+	if s.refs--; s.refs == 0 {
+		s.idleSince = time.Now()
+	}
+}
+
+func (b *backend) releaseSub(s *subscription) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.releaseSubLocked(s)
+}
+
+// nameLock serialises the SDK subscribe and unsubscribe calls of a service,
+// across successive subscriptions to it.
+func (b *backend) nameLock(service string) *sync.Mutex {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	l := b.nameLocks[service]
+	if l == nil {
+		l = new(sync.Mutex)
+		b.nameLocks[service] = l
+	}
+	return l
+}
+
+// subscribe makes the SDK subscription if it is not made yet, and returns
+// once the subscription holds a list.
+func (s *subscription) subscribe(ctx context.Context, cli naming_client.INamingClient) error {
+	l := s.b.nameLock(s.name)
+	l.Lock()
+	defer l.Unlock()
+	s.mu.Lock()
+	done, dead := s.subscribed, s.dead
+	s.mu.Unlock()
+	if dead {
+		return errClosed
+	}
+	if done {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// The SDK calls s.onPush from inside Subscribe when the answer is new.
+	if err := cli.Subscribe(s.param); err != nil {
+		return fmt.Errorf("%w: nacos: subscribe to %s: %w", registry.ErrUnavailable, s.name, err)
+	}
+	s.mu.Lock()
+	s.subscribed = true
+	ready := s.ready
+	s.mu.Unlock()
+	if ready {
+		return nil
+	}
+	// No callback: the SDK's cache already had this service (a client of
+	// the caller's that subscribed itself) or dropped an empty answer.
+	hosts, err := cli.SelectAllInstances(vo.SelectAllInstancesParam{ServiceName: s.name, GroupName: s.b.group})
+	if err != nil {
+		return fmt.Errorf("%w: nacos: reading %s: %w", registry.ErrUnavailable, s.name, err)
+	}
+	snap, delta := s.b.convert(s.name, hosts, nil)
+	s.mu.Lock()
+	if !s.ready {
+		s.setLocked(snap, delta)
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+// unsubscribe drops the SDK subscription. The subscription is dead after it.
+func (s *subscription) unsubscribe(cli naming_client.INamingClient) {
+	l := s.b.nameLock(s.name)
+	l.Lock()
+	defer l.Unlock()
+	s.mu.Lock()
+	was := s.subscribed
+	s.dead, s.subscribed = true, false
+	s.mu.Unlock()
+	if was {
+		if err := cli.Unsubscribe(s.param); err != nil {
+			s.b.log.Debug("nacos: unsubscribe failed", "service", s.name, "err", err)
+		}
+	}
+}
+
+// onPush is the SDK callback. It runs on SDK goroutines (the push stream,
+// the redo, a Subscribe call): it only copies the list and wakes waiters.
+// hosts belongs to the SDK's cache and must not be kept.
+func (s *subscription) onPush(hosts []model.Instance, err error) {
+	if err != nil {
+		s.b.log.Warn("nacos: subscription error; keeping the last list", "service", s.name, "err", err)
+		return
+	}
+	// Pushes come from one SDK goroutine at a time per connection, but a
+	// Subscribe call and the redo may overlap with them: convert against the
+	// list current at the time, and store only if no other list came in.
+	s.mu.Lock()
+	prev, ver := s.snap, s.ver
+	s.mu.Unlock()
+	snap, delta := s.b.convert(s.name, hosts, prev)
+	s.mu.Lock()
+	if s.dead {
+		s.mu.Unlock()
+		return
+	}
+	if s.ver != ver {
+		delta = diff(s.snap, snap)
+	}
+	s.setLocked(snap, delta)
+	s.mu.Unlock()
+	s.b.checkAbsence(s.name, snap)
+}
+
+func (s *subscription) setLocked(snap map[string]driver.Instance, delta driver.Event) {
+	s.snap, s.delta, s.ready = snap, delta, true
+	s.ver++
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// view returns the current list and a channel closed when it changes.
+func (s *subscription) view() (snap map[string]driver.Instance, ver uint64, ready bool, changed <-chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.snap, s.ver, s.ready, s.changed
+}
+
+// since returns what changed from the list of version ver to the current
+// one (ver is older), and the current list and version.
+func (s *subscription) since(ver uint64, old map[string]driver.Instance) (driver.Event, map[string]driver.Instance, uint64) {
+	s.mu.Lock()
+	snap, cur, delta := s.snap, s.ver, s.delta
+	s.mu.Unlock()
+	if cur == ver+1 {
+		return delta, snap, cur
+	}
+	return diff(old, snap), snap, cur
+}
+
+// waitFor waits until cond holds of the list, up to max (0: no limit) or
+// ctx.
+func (s *subscription) waitFor(ctx context.Context, max time.Duration, what string, cond func(map[string]driver.Instance) bool) error {
+	var timeout <-chan time.Time
+	if max > 0 {
+		t := time.NewTimer(max)
+		defer t.Stop()
+		timeout = t.C
+	}
+	for {
+		snap, _, ready, ch := s.view()
+		if ready && cond(snap) {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("nacos: waiting for the server to show %s: %w", what, ctx.Err())
+		case <-s.b.ctx.Done():
+			return errClosed
+		case <-timeout:
+			return errors.New("nacos: not shown yet")
+		}
+	}
+}
+
+// convert turns a pushed list into rollcall instances keyed by ID (see the
+// package doc), and returns what changed since prev. Instances Nacos would
+// not route to are left out; invalid ones are kept for the shared layer to
+// log and skip. Instances unchanged since prev are prev's values, shared:
+// lists are never modified. hosts belongs to the SDK and is not kept.
+func (b *backend) convert(service string, hosts []model.Instance, prev map[string]driver.Instance) (map[string]driver.Instance, driver.Event) {
+	m := make(map[string]driver.Instance, len(hosts))
+	var ev driver.Event
+	for i := range hosts {
+		h := &hosts[i]
+		if !h.Enable || !h.Healthy || !(h.Weight > 0) {
+			continue
+		}
+		if b.filter != "" && clusterName(h.ClusterName) != b.filter {
+			continue
+		}
+		addr := net.JoinHostPort(h.Ip, strconv.FormatUint(h.Port, 10))
+		id := h.Metadata[MetaID]
+		if id == "" {
+			id = addr
+		}
+		if old, dup := m[id]; dup {
+			b.log.Debug("nacos: two instances with one ID; keeping the first", "service", service, "id", id, "kept", old.Addr, "skipped", addr)
+			continue
+		}
+		if p, ok := prev[id]; ok && p.Addr == addr && sameMetadata(p.Metadata, h) {
+			m[id] = p
+			continue
+		}
+		in := driver.Instance{Service: service, ID: id, Addr: addr, Metadata: metadata(h)}
+		m[id] = in
+		ev.Upserts = append(ev.Upserts, in)
+	}
+	for id := range prev {
+		if _, ok := m[id]; !ok {
+			ev.Deletes = append(ev.Deletes, id)
+		}
+	}
+	slices.SortFunc(ev.Upserts, func(a, b driver.Instance) int { return strings.Compare(a.ID, b.ID) })
+	slices.Sort(ev.Deletes)
+	return m, ev
+}
+
+// weightMeta is the MetaWeight value an instance without one gets from its
+// Nacos weight, or "" for the default weight 1.
+func weightMeta(h *model.Instance) string {
+	if _, ok := h.Metadata[registry.MetaWeight]; ok || h.Weight == 1 {
+		return ""
+	}
+	return strconv.Itoa(int(math.Min(math.Max(math.Round(h.Weight), 1), registry.MaxWeight)))
+}
+
+// metadata is the rollcall metadata of a Nacos instance.
+func metadata(h *model.Instance) map[string]string {
+	w := weightMeta(h)
+	if len(h.Metadata) == 0 && w == "" {
+		return nil
+	}
+	md := make(map[string]string, len(h.Metadata)+1)
+	for k, v := range h.Metadata {
+		if k != MetaID {
+			md[k] = v
+		}
+	}
+	if w != "" {
+		md[registry.MetaWeight] = w
+	}
+	if len(md) == 0 {
+		return nil
+	}
+	return md
+}
+
+// sameMetadata reports whether md is metadata(h), without building it.
+func sameMetadata(md map[string]string, h *model.Instance) bool {
+	n := 0
+	for k, v := range h.Metadata {
+		if k == MetaID {
+			continue
+		}
+		if mv, ok := md[k]; !ok || mv != v {
+			return false
+		}
+		n++
+	}
+	if w := weightMeta(h); w != "" {
+		if md[registry.MetaWeight] != w {
+			return false
+		}
+		n++
+	}
+	return n == len(md)
+}
+
+func clusterName(c string) string {
+	if c == "" {
+		return DefaultCluster
+	}
+	return c
+}
+
+// sortedList returns the instances of m sorted by ID. They share their
+// metadata with m: package registry copies what it keeps.
+func sortedList(m map[string]driver.Instance) []driver.Instance {
+	out := make([]driver.Instance, 0, len(m))
+	for _, id := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, m[id])
+	}
+	return out
+}
+
+func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, error) {
+	cli, err := b.client(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if up, _, _, herr := b.health(); !up {
+		return nil, herr
+	}
+	s := b.acquireSub(service)
+	defer b.releaseSub(s)
+	if err := s.subscribe(ctx, cli); err != nil {
+		return nil, err
+	}
+	snap, _, _, _ := s.view()
+	return sortedList(snap), nil
+}
+
+func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, error) {
+	cli, err := b.client(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s := b.acquireSub(service)
+	if err := s.subscribe(ctx, cli); err != nil {
+		b.releaseSub(s)
+		return nil, err
+	}
+	return &stream{b: b, s: s, done: make(chan struct{})}, nil
+}
+
+// stream is one watch of a subscription. It fails when the server becomes
+// unreachable after its first event; a stream opened while the server is
+// unreachable waits for it.
+type stream struct {
+	b         *backend
+	s         *subscription
+	done      chan struct{}
+	closeOnce sync.Once
+
+	started bool
+	gen     uint64 // backend down generation when the stream started
+	ver     uint64
+	last    map[string]driver.Instance
+}
+
+func (st *stream) Next(ctx context.Context) (driver.Event, error) {
+	for {
+		up, gen, hch, herr := st.b.health()
+		snap, ver, ready, ch := st.s.view()
+		if st.started && (!up || gen != st.gen) {
+			if herr == nil {
+				herr = fmt.Errorf("%w: nacos: the server was unreachable", registry.ErrUnavailable)
+			}
+			return driver.Event{}, herr
+		}
+		if up && ready {
+			if !st.started {
+				st.started, st.gen, st.ver, st.last = true, gen, ver, snap
+				return driver.Event{Reset: true, Upserts: sortedList(snap)}, nil
+			}
+			if ver != st.ver {
+				var ev driver.Event
+				ev, st.last, st.ver = st.s.since(st.ver, st.last)
+				if len(ev.Upserts)+len(ev.Deletes) > 0 {
+					return ev, nil
+				}
+				continue
+			}
+		}
+		select {
+		case <-ch:
+		case <-hch:
+		case <-ctx.Done():
+			return driver.Event{}, ctx.Err()
+		case <-st.done:
+			return driver.Event{}, errClosed
+		case <-st.b.ctx.Done():
+			return driver.Event{}, errClosed
+		}
+	}
+}
+
+// diff is the event that turns old into cur.
+func diff(old, cur map[string]driver.Instance) driver.Event {
+	var ev driver.Event
+	for id, in := range cur {
+		if o, ok := old[id]; !ok || !sameInstance(o, in) {
+			ev.Upserts = append(ev.Upserts, in)
+		}
+	}
+	for id := range old {
+		if _, ok := cur[id]; !ok {
+			ev.Deletes = append(ev.Deletes, id)
+		}
+	}
+	slices.SortFunc(ev.Upserts, func(a, b driver.Instance) int { return strings.Compare(a.ID, b.ID) })
+	slices.Sort(ev.Deletes)
+	return ev
+}
+
+func (st *stream) Close() error {
+	st.closeOnce.Do(func() {
+		close(st.done)
+		st.b.releaseSub(st.s)
+	})
+	return nil
+}
