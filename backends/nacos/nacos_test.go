@@ -20,6 +20,7 @@ import (
 
 	"github.com/rollcall-go/rollcall/backends/nacos"
 	"github.com/rollcall-go/rollcall/internal/testserver/nacosserver"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -59,16 +60,7 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond) // polling interval
-	}
-}
+var waitFor = testutil.WaitFor
 
 // counted counts the registrations the backend sends through it; the SDK's
 // own redo does not go through it.
