@@ -14,7 +14,7 @@
 CONTAINERS_TEST_TIMEOUT ?= 30m
 CONTAINERS_TEST_RUN ?= Conformance|Partition|Faults
 # The packages whose harnesses run their servers in containers.
-CONTAINERS_TEST_PKGS ?= ./backends/etcd/ ./backends/consul/ ./backends/k8s/ ./internal/testserver/containers/
+CONTAINERS_TEST_PKGS ?= ./backends/etcd/ ./backends/consul/ ./backends/k8s/ ./backends/nacos/ ./internal/testserver/containers/
 
 .PHONY: images test-containers
 

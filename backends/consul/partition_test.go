@@ -13,8 +13,8 @@ import (
 // TestPartitionedRegistrarComesBackRegistered cuts the registrar, and only
 // the registrar, off from the agent for longer than its TTL: its session
 // check goes critical on the agent, every other client sees the instance
-// go, and once the partition heals the registrar registers it again by
-// itself.
+// go, and once the partition heals the instance is back, registered, with
+// no help.
 //
 // The registrar reaches the agent through a proxy container on a
 // user-defined network; the partition is `docker network disconnect` of the
@@ -54,8 +54,12 @@ func TestPartitionedRegistrarComesBackRegistered(t *testing.T) {
 	healed := time.Now()
 	nextUpdate(t, updates, 60*time.Second, "the instance registered again", present)
 	t.Logf("registered again %v after the partition healed", time.Since(healed).Round(10*time.Millisecond))
-	waitUntil(t, 10*time.Second, "the registration to be registered again", func() bool {
-		st := reg.Status()
-		return st.State == registry.Registered && st.Reregistrations >= 1
+	// Either the registrar found its session check critical and registered
+	// again, or a renewal that got through first made the check pass again
+	// (the renewal round's state read can fail while the proxy reconnects):
+	// both bring the same instance back, and the registration says so.
+	waitUntil(t, 10*time.Second, "the registration to be registered", func() bool {
+		return reg.Status().State == registry.Registered
 	})
+	t.Logf("registration status after the partition: %+v", reg.Status())
 }

@@ -11,7 +11,7 @@ import (
 
 	"github.com/rollcall-go/rollcall/backends/nacos"
 	"github.com/rollcall-go/rollcall/conformance"
-	"github.com/rollcall-go/rollcall/internal/testserver/nacosserver"
+	"github.com/rollcall-go/rollcall/internal/testserver/provider"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -22,12 +22,12 @@ const testPushDelay = 200 * time.Millisecond
 
 type harness struct {
 	t   *testing.T
-	srv *nacosserver.Server
+	srv provider.Nacos // in process, or a container (ROLLCALL_TEST_SERVERS=containers)
 	dir string
 }
 
 func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
-	srv := nacosserver.Start(t)
+	srv := provider.StartNacos(t)
 	srv.SetPushDelay(testPushDelay)
 	return &harness{t: t, srv: srv, dir: t.TempDir()}, nil
 }
