@@ -12,7 +12,7 @@ TEST_TIMEOUT ?= 60m
 include mk/containers.mk
 
 test: servers vet
-	$(GO) test -race -p 2 -timeout $(TEST_TIMEOUT) ./...
+	$(GO) test -race -count=1 -p 2 -timeout $(TEST_TIMEOUT) ./...
 	$(MAKE) test-containers
 
 servers:
