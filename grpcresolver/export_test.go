@@ -5,3 +5,11 @@ import "google.golang.org/grpc/resolver"
 // OpenRegistries returns how many registries a builder made by NewBuilder
 // holds open.
 func OpenRegistries(b resolver.Builder) int { return b.(*builder).openRegistries() }
+
+// WatchStale reports whether the resolver's registry watch last said stale.
+func WatchStale(r resolver.Resolver) bool {
+	g := r.(*grpcResolver)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.stale
+}

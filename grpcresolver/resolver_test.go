@@ -158,7 +158,7 @@ func TestResolverDoesNotPushUnchangedLists(t *testing.T) {
 		rrs[id] = register(t, reg, registry.Instance{Service: "svc", ID: id, Addr: "127.0.0.1:" + string(rune('1'+i)) + "000", Metadata: md})
 	}
 	cc := &recordingCC{}
-	build(t, grpcresolver.NewBuilder("mem"), e.URL()+"/svc", cc, resolver.BuildOptions{})
+	r := build(t, grpcresolver.NewBuilder("mem"), e.URL()+"/svc", cc, resolver.BuildOptions{})
 	waitFor(t, 5*time.Second, "three endpoints", func() bool { return len(cc.ids()) == 3 })
 	first, _ := cc.last()
 
@@ -169,7 +169,7 @@ func TestResolverDoesNotPushUnchangedLists(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.Pause(t)
-	time.Sleep(300 * time.Millisecond) // let the watcher see the pause
+	waitFor(t, 5*time.Second, "the resolver's watch to go stale", func() bool { return grpcresolver.WatchStale(r) })
 	e.Resume(t)
 	// A real change to b: exactly one more state, in which a and c keep their
 	// attributes (same pointer: no work for the balancer).
@@ -358,7 +358,7 @@ func TestRelistIsUsedWhileTheWatchIsStale(t *testing.T) {
 		t.Fatalf("a relist overrode a live watch: %v", got)
 	}
 	watched.Stop(t)
-	time.Sleep(200 * time.Millisecond) // the watcher goes stale
+	waitFor(t, 5*time.Second, "the resolver's watch to go stale", func() bool { return grpcresolver.WatchStale(r) })
 	if got := cc.ids(); !equalStrings(got, []string{"a", "b"}) {
 		t.Fatalf("stale watch changed the list: %v", got)
 	}
