@@ -3,6 +3,7 @@ package k8s
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"testing"
@@ -216,6 +217,7 @@ func TestDiscovery(t *testing.T) {
 	t.Run("DualStackSlices", func(t *testing.T) { testDualStack(t, env) })
 	t.Run("RegistrationIsALeasedEndpointSlice", func(t *testing.T) { testRegistrationShape(t, env) })
 	t.Run("ExpiredLeaseHidesSlicesAndIsCollected", func(t *testing.T) { testExpiredLease(t, env) })
+	t.Run("OneLeasePerRegistryDeletedWithTheLastRegistration", func(t *testing.T) { testOneLease(t, env) })
 	t.Run("RBACRefusalNamesVerbAndResource", func(t *testing.T) { testRBAC(t, env) })
 }
 
@@ -541,5 +543,46 @@ func TestParseTarget(t *testing.T) {
 	}
 	if n := sliceName("rollcall-h-0a1b2c3d4e", "User.RPC_x:grpc", "a"); len(n) > 63 || n != dnsLabelish(n, 63) {
 		t.Errorf("sliceName = %q", n)
+	}
+}
+
+// testOneLease: many registrations share one Lease, and Deregister of the
+// last one deletes it, so an idle Registry renews nothing.
+func testOneLease(t *testing.T, env *kubeEnv) {
+	ns := env.namespace(t)
+	r := env.open(t, testserver.KubeAdmin, ns, 5*time.Second)
+	ctx := ctxFor(t, time.Minute)
+	leases := func() int {
+		list, err := env.admin.CoordinationV1().Leases(ns).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(list.Items)
+	}
+	var regs []*registry.Registration
+	for i := range 20 {
+		reg, err := r.Register(ctx, registry.Instance{Service: fmt.Sprintf("svc-%d", i%3), ID: fmt.Sprintf("i%d", i), Addr: fmt.Sprintf("127.0.0.1:%d", 2000+i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		regs = append(regs, reg)
+	}
+	if n := leases(); n != 1 {
+		t.Fatalf("20 registrations hold %d Leases, want 1", n)
+	}
+	for _, reg := range regs {
+		if err := reg.Deregister(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := leases(); n != 0 {
+		t.Fatalf("after the last Deregister %d Leases remain, want 0", n)
+	}
+	// The Registry registers again with a new Lease.
+	if _, err := r.Register(ctx, registry.Instance{Service: "svc-0", ID: "again", Addr: "127.0.0.1:3000"}); err != nil {
+		t.Fatal(err)
+	}
+	if n := leases(); n != 1 {
+		t.Fatalf("after registering again %d Leases, want 1", n)
 	}
 }

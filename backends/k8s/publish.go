@@ -533,7 +533,7 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	}
 	name, uid, _ := p.current()
 	if name == "" {
-		return nil
+		return p.b.releaseIfUnused(ctx, p.sess)
 	}
 	p.b.mu.Lock()
 	cur := p.b.pubs[p.key]
@@ -542,5 +542,33 @@ func (p *publication) Withdraw(ctx context.Context) error {
 		return nil
 	}
 	// The UID precondition spares a slice of the same name written since.
-	return p.b.deleteSlice(ctx, name, uid)
+	if err := p.b.deleteSlice(ctx, name, uid); err != nil {
+		return err
+	}
+	return p.b.releaseIfUnused(ctx, p.sess)
+}
+
+// releaseIfUnused deletes the session's Lease once no publication uses it,
+// so that a Registry holding no registration renews nothing; the next
+// Publish creates a new Lease.
+func (b *backend) releaseIfUnused(ctx context.Context, ss *session) error {
+	b.sessMu.Lock() // no session handed out meanwhile
+	b.mu.Lock()
+	unused := b.sess == ss && !b.crashed && !b.closed
+	for _, q := range b.pubs {
+		if !unused {
+			break
+		}
+		unused = q.sess != ss
+	}
+	if unused {
+		b.sess = nil
+	}
+	b.mu.Unlock()
+	b.sessMu.Unlock()
+	if !unused {
+		return nil
+	}
+	b.log.Debug("k8s: no registrations left; deleting the lease", "lease", ss.name)
+	return b.revoke(ctx, ss)
 }
