@@ -70,7 +70,7 @@ func StartConsulServerWith(t testing.TB, opts ConsulServerOptions) *ConsulServer
 	c := &ConsulServer{t: t, opts: opts, dataDir: filepath.Join(dir, "data"), nodeID: randomNodeID()}
 	c.proc = newChild(t, "consul", bin, filepath.Join(dir, "consul.log"))
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(5)
+		ports, err := FreePorts(5)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -186,7 +186,7 @@ func (c *ConsulServer) start() error {
 	}
 	leader := "http://" + c.Addr() + "/v1/status/leader"
 	return c.proc.waitReady(func(ctx context.Context) error {
-		body, err := httpGet(ctx, leader)
+		body, err := HTTPGet(ctx, leader)
 		if err != nil {
 			return err
 		}

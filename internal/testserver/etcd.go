@@ -5,9 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -51,7 +49,7 @@ func StartEtcd(t testing.TB) *Etcd {
 	// A port found free can be taken by someone else before etcd binds it:
 	// on the first start only, retry with other ports.
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(2)
+		ports, err := FreePorts(2)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -160,7 +158,7 @@ func (e *Etcd) start() error {
 	}
 	health := "http://" + e.Endpoint() + "/health"
 	return e.proc.waitReady(func(ctx context.Context) error {
-		body, err := httpGet(ctx, health)
+		body, err := HTTPGet(ctx, health)
 		if err != nil {
 			return err
 		}
@@ -407,20 +405,6 @@ func setParentDeathSignal(attr *syscall.SysProcAttr) {
 	}
 }
 
-// freePorts returns n distinct TCP ports that were free on 127.0.0.1.
-func freePorts(n int) ([]int, error) {
-	ports := make([]int, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("testserver: free port: %w", err)
-		}
-		defer l.Close() // held until all are chosen, so they differ
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
-
 func filterEnv(env []string, prefix string) []string {
 	out := make([]string, 0, len(env))
 	for _, kv := range env {
@@ -429,28 +413,4 @@ func filterEnv(env []string, prefix string) []string {
 		}
 	}
 	return out
-}
-
-// probeClient makes one request per connection, so that no idle connection
-// (and its goroutines) outlives a probe.
-var probeClient = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
-
-func httpGet(ctx context.Context, url string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := probeClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return body, fmt.Errorf("%s: %s: %s", url, resp.Status, bytes.TrimSpace(body))
-	}
-	return body, nil
 }

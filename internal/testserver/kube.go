@@ -3,29 +3,18 @@ package testserver
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/base64"
-	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 )
 
 // KubeAdmin is the user of Kube.Token that is in the system:masters group.
@@ -46,13 +35,12 @@ const KubeAdmin = "rollcall-admin"
 //
 // Its methods call t.Fatal on failure, so call them from the test's goroutine.
 type Kube struct {
-	t      testing.TB
-	etcd   *Etcd
-	dir    string
-	port   int
-	proc   *child
-	ca     []byte
-	tokens map[string]string
+	t     testing.TB
+	etcd  *Etcd
+	dir   string
+	port  int
+	proc  *child
+	creds *KubeCredentials
 }
 
 // KubeOptions configure StartKube.
@@ -75,14 +63,14 @@ func StartKube(t testing.TB, opts *KubeOptions) *Kube {
 		o = *opts
 	}
 	dir := t.TempDir()
-	k := &Kube{t: t, dir: dir, tokens: map[string]string{}}
+	k := &Kube{t: t, dir: dir}
 	k.etcd = StartEtcd(t)
-	if err := k.writeFiles(o.Users); err != nil {
+	if err := k.writeCredentials(o.Users); err != nil {
 		t.Fatalf("testserver: kube-apiserver: %v", err)
 	}
 	k.proc = newChild(t, "kube-apiserver", bin, filepath.Join(dir, "kube-apiserver.log"))
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(1)
+		ports, err := FreePorts(1)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -107,13 +95,13 @@ func (k *Kube) Host() string {
 
 // CAData returns the PEM certificate of the CA that signed the API server's
 // serving certificate.
-func (k *Kube) CAData() []byte { return bytes.Clone(k.ca) }
+func (k *Kube) CAData() []byte { return bytes.Clone(k.creds.CA) }
 
 // Token returns the bearer token of a user: KubeAdmin or one of
 // KubeOptions.Users.
 func (k *Kube) Token(user string) string {
 	k.t.Helper()
-	tok, ok := k.tokens[user]
+	tok, ok := k.creds.Tokens[user]
 	if !ok {
 		k.t.Fatalf("testserver: kube-apiserver: no user %q", user)
 	}
@@ -129,13 +117,7 @@ func (k *Kube) Etcd() *Etcd { return k.etcd }
 func (k *Kube) WriteKubeconfig(user, namespace string) string {
 	k.t.Helper()
 	path := filepath.Join(k.dir, "kubeconfig-"+user+"-"+namespace)
-	var b strings.Builder
-	fmt.Fprintf(&b, "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: %s\n", k.Host())
-	fmt.Fprintf(&b, "    certificate-authority-data: %s\n", base64.StdEncoding.EncodeToString(k.ca))
-	fmt.Fprintf(&b, "users:\n- name: %s\n  user:\n    token: %s\n", user, k.Token(user))
-	fmt.Fprintf(&b, "contexts:\n- name: test\n  context:\n    cluster: test\n    user: %s\n    namespace: %s\n", user, namespace)
-	b.WriteString("current-context: test\n")
-	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+	if err := os.WriteFile(path, k.creds.Kubeconfig(k.Host(), user, namespace), 0o600); err != nil {
 		k.t.Fatalf("testserver: kubeconfig: %v", err)
 	}
 	return path
@@ -226,7 +208,7 @@ func (k *Kube) start() error {
 	}
 	client := &http.Client{Transport: &http.Transport{
 		DisableKeepAlives: true,
-		TLSClientConfig:   &tls.Config{RootCAs: k.pool(), MinVersion: tls.VersionTLS12},
+		TLSClientConfig:   &tls.Config{RootCAs: k.creds.Pool(), MinVersion: tls.VersionTLS12},
 	}}
 	defer client.CloseIdleConnections()
 	url := k.Host() + "/readyz"
@@ -235,7 +217,7 @@ func (k *Kube) start() error {
 		if err != nil {
 			return err
 		}
-		req.Header.Set("Authorization", "Bearer "+k.tokens[KubeAdmin])
+		req.Header.Set("Authorization", "Bearer "+k.creds.Tokens[KubeAdmin])
 		resp, err := client.Do(req)
 		if err != nil {
 			return err
@@ -257,100 +239,17 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines, " | ")
 }
 
-func (k *Kube) pool() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AppendCertsFromPEM(k.ca)
-	return p
-}
-
-// writeFiles writes the CA, the serving certificate, the service-account
-// key pair and the token file.
-func (k *Kube) writeFiles(users []string) error {
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+// writeCredentials makes the credentials and writes their files into dir.
+func (k *Kube) writeCredentials(users []string) error {
+	creds, err := NewKubeCredentials(users)
 	if err != nil {
 		return err
 	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "rollcall-test-ca"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(48 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return err
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		return err
-	}
-	k.ca = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
-
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "kube-apiserver"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(48 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		DNSNames:     []string{"localhost"},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		return err
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return err
-	}
-	saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return err
-	}
-	saDER, err := x509.MarshalECPrivateKey(saKey)
-	if err != nil {
-		return err
-	}
-	saPub, err := x509.MarshalPKIXPublicKey(&saKey.PublicKey)
-	if err != nil {
-		return err
-	}
-	k.tokens[KubeAdmin] = randomToken()
-	var csv strings.Builder
-	fmt.Fprintf(&csv, "%s,%s,%s,\"system:masters\"\n", k.tokens[KubeAdmin], KubeAdmin, KubeAdmin)
-	for _, u := range users {
-		if u == KubeAdmin || strings.ContainsAny(u, ",\"\n") || slices.Contains(users[:slices.Index(users, u)], u) {
-			return fmt.Errorf("bad or duplicate user %q", u)
-		}
-		k.tokens[u] = randomToken()
-		fmt.Fprintf(&csv, "%s,%s,%s\n", k.tokens[u], u, u)
-	}
-	files := map[string][]byte{
-		"serving.crt": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		"serving.key": pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
-		"sa.key":      pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: saDER}),
-		"sa.pub":      pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: saPub}),
-		"tokens.csv":  []byte(csv.String()),
-	}
-	for name, data := range files {
+	k.creds = creds
+	for name, data := range creds.Files {
 		if err := os.WriteFile(filepath.Join(k.dir, name), data, 0o600); err != nil {
 			return err
 		}
 	}
 	return os.MkdirAll(filepath.Join(k.dir, "certs"), 0o700)
-}
-
-func randomToken() string {
-	b := make([]byte, 24)
-	_, _ = rand.Read(b) // never fails
-	return hex.EncodeToString(b)
 }

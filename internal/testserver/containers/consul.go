@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"github.com/rollcall-go/rollcall/internal/testserver"
 	"testing"
 
 	"github.com/moby/moby/api/types/container"
@@ -66,7 +67,7 @@ func StartConsul(t testing.TB) *Consul {
 			}
 		},
 		probe: func(ctx context.Context, s *Server) error {
-			body, err := httpGet(ctx, "http://"+s.HostPort(ConsulPort)+"/v1/status/leader")
+			body, err := testserver.HTTPGet(ctx, "http://"+s.HostPort(ConsulPort)+"/v1/status/leader")
 			if err != nil {
 				return err
 			}

@@ -31,7 +31,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
+	"github.com/rollcall-go/rollcall/internal/testserver"
 	"net"
 	"net/http"
 	"net/netip"
@@ -253,7 +253,7 @@ func (s *Server) start() {
 	for attempt := 1; attempt <= 3; attempt++ {
 		pick := s.pickPorts
 		if pick == nil {
-			pick = func() ([]int, error) { return freePorts(len(s.ports)) }
+			pick = func() ([]int, error) { return testserver.FreePorts(len(s.ports)) }
 		}
 		ports, perr := pick()
 		if perr != nil {
@@ -545,40 +545,6 @@ func NewNetwork(t testing.TB) *Network {
 func (n *Network) ID() string   { return n.nw.ID }
 func (n *Network) Name() string { return n.nw.Name }
 
-// freePorts returns n distinct TCP ports that were free on 127.0.0.1.
-func freePorts(n int) ([]int, error) {
-	ports := make([]int, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("containers: free port: %w", err)
-		}
-		defer l.Close() // held until all are chosen, so they differ
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
-
 // probeClient makes one request per connection, so that no idle connection
 // (and its goroutines) outlives a probe.
 var probeClient = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
-
-func httpGet(ctx context.Context, url string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := probeClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return body, fmt.Errorf("%s: %s", url, resp.Status)
-	}
-	return body, nil
-}

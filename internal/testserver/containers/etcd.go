@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/rollcall-go/rollcall/internal/testserver"
 	"testing"
 
 	"github.com/moby/moby/api/types/container"
@@ -58,7 +59,7 @@ func StartEtcd(t testing.TB) *Etcd {
 			}
 		},
 		probe: func(ctx context.Context, s *Server) error {
-			body, err := httpGet(ctx, "http://"+s.HostPort(EtcdPort)+"/health")
+			body, err := testserver.HTTPGet(ctx, "http://"+s.HostPort(EtcdPort)+"/health")
 			if err != nil {
 				return err
 			}

@@ -3,26 +3,14 @@ package containers
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/base64"
-	"encoding/hex"
-	"encoding/pem"
 	"fmt"
+	"github.com/rollcall-go/rollcall/internal/testserver"
 	"io"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/moby/moby/api/types/container"
 	"github.com/testcontainers/testcontainers-go"
@@ -48,10 +36,9 @@ const KubeAdmin = "rollcall-admin"
 // gone; the CA and tokens stay).
 type Kube struct {
 	*Server
-	etcd   *Etcd
-	dir    string
-	ca     []byte
-	tokens map[string]string
+	etcd  *Etcd
+	dir   string
+	creds *testserver.KubeCredentials
 }
 
 // StartKube starts etcd and kube-apiserver (image Image("kube-apiserver"),
@@ -62,8 +49,9 @@ type Kube struct {
 // the test ends.
 func StartKube(t testing.TB, users []string) *Kube {
 	t.Helper()
-	k := &Kube{dir: t.TempDir(), tokens: map[string]string{}}
-	files, err := k.makeFiles(users)
+	k := &Kube{dir: t.TempDir()}
+	creds, err := testserver.NewKubeCredentials(users)
+	k.creds = creds
 	if err != nil {
 		t.Fatalf("containers: kube-apiserver: %v", err)
 	}
@@ -77,7 +65,7 @@ func StartKube(t testing.TB, users []string) *Kube {
 		ports: []string{KubePort},
 		customize: func(s *Server) []testcontainers.ContainerCustomizer {
 			var cf []testcontainers.ContainerFile
-			for name, data := range files {
+			for name, data := range creds.Files {
 				cf = append(cf, testcontainers.ContainerFile{
 					Reader: bytes.NewReader(data), ContainerFilePath: "/etc/rollcall/" + name, FileMode: 0o600,
 				})
@@ -115,7 +103,7 @@ func StartKube(t testing.TB, users []string) *Kube {
 		probe: func(ctx context.Context, s *Server) error {
 			client := &http.Client{Transport: &http.Transport{
 				DisableKeepAlives: true,
-				TLSClientConfig:   &tls.Config{RootCAs: k.pool(), MinVersion: tls.VersionTLS12},
+				TLSClientConfig:   &tls.Config{RootCAs: k.creds.Pool(), MinVersion: tls.VersionTLS12},
 			}}
 			defer client.CloseIdleConnections()
 			url := k.Host() + "/readyz"
@@ -123,7 +111,7 @@ func StartKube(t testing.TB, users []string) *Kube {
 			if err != nil {
 				return err
 			}
-			req.Header.Set("Authorization", "Bearer "+k.tokens[KubeAdmin])
+			req.Header.Set("Authorization", "Bearer "+k.creds.Tokens[KubeAdmin])
 			resp, err := client.Do(req)
 			if err != nil {
 				return err
@@ -145,13 +133,13 @@ func (k *Kube) Host() string { return "https://" + k.HostPort(KubePort) }
 
 // CAData returns the PEM certificate of the CA that signed the API server's
 // serving certificate.
-func (k *Kube) CAData() []byte { return bytes.Clone(k.ca) }
+func (k *Kube) CAData() []byte { return bytes.Clone(k.creds.CA) }
 
 // Token returns the bearer token of a user: KubeAdmin or one of the users
 // given to StartKube.
 func (k *Kube) Token(user string) string {
 	k.t.Helper()
-	tok, ok := k.tokens[user]
+	tok, ok := k.creds.Tokens[user]
 	if !ok {
 		k.t.Fatalf("containers: kube-apiserver: no user %q", user)
 	}
@@ -167,13 +155,7 @@ func (k *Kube) Etcd() *Etcd { return k.etcd }
 func (k *Kube) WriteKubeconfig(user, namespace string) string {
 	k.t.Helper()
 	path := filepath.Join(k.dir, "kubeconfig-"+user+"-"+namespace)
-	var b strings.Builder
-	fmt.Fprintf(&b, "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: %s\n", k.Host())
-	fmt.Fprintf(&b, "    certificate-authority-data: %s\n", base64.StdEncoding.EncodeToString(k.ca))
-	fmt.Fprintf(&b, "users:\n- name: %s\n  user:\n    token: %s\n", user, k.Token(user))
-	fmt.Fprintf(&b, "contexts:\n- name: test\n  context:\n    cluster: test\n    user: %s\n    namespace: %s\n", user, namespace)
-	b.WriteString("current-context: test\n")
-	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+	if err := os.WriteFile(path, k.creds.Kubeconfig(k.Host(), user, namespace), 0o600); err != nil {
 		k.t.Fatalf("containers: kubeconfig: %v", err)
 	}
 	return path
@@ -197,94 +179,3 @@ func (k *Kube) Restart(wipe bool) {
 // Running reports whether the API server's container is running (started
 // and not stopped).
 func (k *Kube) Running() bool { return k.running }
-
-func (k *Kube) pool() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AppendCertsFromPEM(k.ca)
-	return p
-}
-
-// makeFiles makes the CA, the serving certificate (for 127.0.0.1 and
-// localhost), the service-account key pair and the token file.
-func (k *Kube) makeFiles(users []string) (map[string][]byte, error) {
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "rollcall-test-ca"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(48 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return nil, err
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		return nil, err
-	}
-	k.ca = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "kube-apiserver"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(48 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		DNSNames:     []string{"localhost"},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		return nil, err
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return nil, err
-	}
-	saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	saDER, err := x509.MarshalECPrivateKey(saKey)
-	if err != nil {
-		return nil, err
-	}
-	saPub, err := x509.MarshalPKIXPublicKey(&saKey.PublicKey)
-	if err != nil {
-		return nil, err
-	}
-	k.tokens[KubeAdmin] = randomToken()
-	var csv strings.Builder
-	fmt.Fprintf(&csv, "%s,%s,%s,\"system:masters\"\n", k.tokens[KubeAdmin], KubeAdmin, KubeAdmin)
-	for i, u := range users {
-		if u == KubeAdmin || strings.ContainsAny(u, ",\"\n") || slices.Contains(users[:i], u) {
-			return nil, fmt.Errorf("bad or duplicate user %q", u)
-		}
-		k.tokens[u] = randomToken()
-		fmt.Fprintf(&csv, "%s,%s,%s\n", k.tokens[u], u, u)
-	}
-	return map[string][]byte{
-		"serving.crt": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		"serving.key": pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
-		"sa.key":      pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: saDER}),
-		"sa.pub":      pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: saPub}),
-		"tokens.csv":  []byte(csv.String()),
-	}, nil
-}
-
-func randomToken() string {
-	b := make([]byte, 24)
-	_, _ = rand.Read(b) // never fails
-	return hex.EncodeToString(b)
-}

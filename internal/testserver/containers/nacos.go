@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/rollcall-go/rollcall/internal/testserver"
 	"io"
 	"net"
 	"net/http"
@@ -60,7 +61,7 @@ func StartNacos(t testing.TB) *Nacos {
 		pickPorts: func() ([]int, error) {
 			// P and P+1000 free, and one more.
 			for range 50 {
-				ports, err := freePorts(2)
+				ports, err := testserver.FreePorts(2)
 				if err != nil {
 					return nil, err
 				}
@@ -81,7 +82,7 @@ func StartNacos(t testing.TB) *Nacos {
 			}
 		},
 		probe: func(ctx context.Context, s *Server) error {
-			_, err := httpGet(ctx, "http://"+s.HostPort(NacosControlPort)+"/healthz")
+			_, err := testserver.HTTPGet(ctx, "http://"+s.HostPort(NacosControlPort)+"/healthz")
 			return err
 		},
 	}

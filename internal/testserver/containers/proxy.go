@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"github.com/rollcall-go/rollcall/internal/testserver"
 	"io"
 	"net/http"
 	"testing"
@@ -47,7 +48,7 @@ func StartProxy(t testing.TB, n *Network, upstream string) *Proxy {
 			}
 		},
 		probe: func(ctx context.Context, s *Server) error {
-			_, err := httpGet(ctx, "http://"+s.HostPort(ProxyAPIPort)+"/version")
+			_, err := testserver.HTTPGet(ctx, "http://"+s.HostPort(ProxyAPIPort)+"/version")
 			return err
 		},
 	}
