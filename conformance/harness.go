@@ -78,3 +78,23 @@ func skipIfUnsupported(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// Optional harness capabilities, found by type assertion. A subtest that
+// needs one the harness lacks is skipped, saying which.
+
+// NamespaceMaker makes clients of the same server scoped to a namespace: an
+// etcd key prefix, a Consul namespace or datacenter, a Nacos namespace or
+// group, a Kubernetes namespace. Registries in different namespaces never
+// see each other's instances, also when one namespace's name is a prefix of
+// the other's ("team-a" and "team-ab").
+type NamespaceMaker interface {
+	MakeRegistryIn(ctx context.Context, ttl time.Duration, namespace string) (registry.Registry, error)
+}
+
+// RestrictedMaker makes a client whose credentials are valid but do not
+// allow it to register or read instances: an etcd user without a role, a
+// Consul ACL token without service rights, a Kubernetes identity without
+// RBAC on the resources the backend uses.
+type RestrictedMaker interface {
+	MakeRestrictedRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error)
+}

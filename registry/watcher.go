@@ -187,8 +187,8 @@ func (w *Watcher) apply(ev driver.Event) {
 		}
 	}
 	if ev.Reset {
-		fresh := make(map[string]Instance, len(ev.Upserts))
-		for _, di := range ev.Upserts {
+		fresh := make(map[string]Instance, len(ev.Instances))
+		for _, di := range ev.Instances {
 			if in, ok := w.r.accept(w.service, di); ok {
 				fresh[in.ID] = in
 			}
@@ -203,16 +203,24 @@ func (w *Watcher) apply(ev driver.Event) {
 		}
 		w.synced, w.stale, w.err = true, false, nil
 	} else {
-		for _, di := range ev.Upserts {
+		// In order: a key deleted and put again in one batch ends present.
+		for _, c := range ev.Changes {
+			if c.Instance == nil {
+				del(c.ID)
+				continue
+			}
+			di := *c.Instance
+			if di.ID != c.ID {
+				w.r.log.Warn("registry: backend change names two IDs; treating it as a removal", "service", w.service, "id", c.ID, "instance", di.ID)
+				del(c.ID)
+				continue
+			}
 			if in, ok := w.r.accept(w.service, di); ok {
 				set(in.ID, in)
-			} else if di.ID != "" {
+			} else if c.ID != "" {
 				// Overwritten by something invalid: the instance is gone.
-				del(di.ID)
+				del(c.ID)
 			}
-		}
-		for _, id := range ev.Deletes {
-			del(id)
 		}
 	}
 	if len(w.dirty) > 0 || ev.Reset {

@@ -81,7 +81,7 @@ func (s *stream) Next(ctx context.Context) (driver.Event, error) {
 			continue
 		}
 		s.sent, s.last = true, list
-		return driver.Event{Reset: true, Upserts: list}, nil
+		return driver.ResetEvent(list), nil
 	}
 }
 

@@ -40,7 +40,7 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 	}
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	s := &stream{b: b, service: service, dir: b.dir(service), ctx: wctx, cancel: cancel, rev: rev,
-		first: &driver.Event{Reset: true, Upserts: list}}
+		first: &driver.Event{Reset: true, Instances: list}}
 	s.wch = b.cli.Watch(wctx, s.dir, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	s.ticker = time.NewTicker(b.opts.ProgressInterval)
 	return s, nil
@@ -113,17 +113,19 @@ func (s *stream) convert(evs []*clientv3.Event) (driver.Event, bool) {
 			in, ok := s.b.decode(s.service, s.dir, e.Kv.Key, e.Kv.Value)
 			switch {
 			case ok:
-				out.Upserts = append(out.Upserts, in)
+				out.Changes = append(out.Changes, driver.Put(in))
 			case in.ID != "":
-				out.Deletes = append(out.Deletes, in.ID) // overwritten by garbage
+				out.Changes = append(out.Changes, driver.Delete(in.ID)) // overwritten by garbage
 			}
 		case mvccpb.DELETE:
 			if id := strings.TrimPrefix(string(e.Kv.Key), s.dir); id != "" && !strings.Contains(id, "/") {
-				out.Deletes = append(out.Deletes, id)
+				out.Changes = append(out.Changes, driver.Delete(id))
 			}
 		}
 	}
-	return out, len(out.Upserts)+len(out.Deletes) > 0
+	// In the server's order: a DELETE and a PUT of one key in one response
+	// (lease expired, then registered again) leave the instance present.
+	return out, len(out.Changes) > 0
 }
 
 // Close cancels the watch on the server (clientv3 sends a cancel request

@@ -251,7 +251,7 @@ func (s *stream) loop() error {
 		for i := range slices.Items {
 			s.collectOrphan(&slices.Items[i], leases)
 		}
-		s.push(driver.Event{Reset: true, Upserts: v.reset(slices.Items, leases.Items)})
+		s.push(driver.ResetEvent(v.reset(slices.Items, leases.Items)))
 		start := time.Now()
 		err = s.watch(v, slices.ResourceVersion, leases.ResourceVersion)
 		if !errors.Is(err, errRelist) {
@@ -341,7 +341,15 @@ func (s *stream) watch(v *view, sliceRV, leaseRV string) error {
 			}
 		}
 		if ups, dels := v.recompute(keys); len(ups)+len(dels) > 0 {
-			s.push(driver.Event{Upserts: ups, Deletes: dels})
+			// Each key once, at its final state: the order does not matter.
+			cs := make([]driver.Change, 0, len(ups)+len(dels))
+			for _, in := range ups {
+				cs = append(cs, driver.Put(in))
+			}
+			for _, id := range dels {
+				cs = append(cs, driver.Delete(id))
+			}
+			s.push(driver.ChangeEvent(cs...))
 		}
 	}
 }

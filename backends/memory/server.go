@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -205,7 +206,7 @@ func (s *Server) putLocked(inst driver.Instance, l *lease) {
 	if l != nil {
 		l.keys[k] = struct{}{}
 	}
-	s.publishLocked(inst.Service, driver.Event{Upserts: []driver.Instance{inst}})
+	s.publishLocked(inst.Service, driver.ChangeEvent(driver.Put(inst)))
 }
 
 // remove deletes an entry published under leaseID.
@@ -236,7 +237,7 @@ func (s *Server) deleteLocked(service, id string, foreign bool) {
 			e.lease.onGone(k)
 		}
 	}
-	s.publishLocked(service, driver.Event{Deletes: []string{id}})
+	s.publishLocked(service, driver.ChangeEvent(driver.Delete(id)))
 }
 
 func (s *Server) list(ctx context.Context, service string) ([]driver.Instance, error) {
@@ -263,7 +264,7 @@ func (s *Server) watch(ctx context.Context, service string) (*stream, error) {
 	}
 	defer s.mu.Unlock()
 	st := &stream{s: s, service: service, notify: make(chan struct{}, 1)}
-	st.queue = []driver.Event{{Reset: true, Upserts: s.listLocked(service)}}
+	st.queue = []driver.Event{driver.ResetEvent(s.listLocked(service))}
 	st.notify <- struct{}{}
 	if s.subs[service] == nil {
 		s.subs[service] = map[*stream]struct{}{}
@@ -438,6 +439,16 @@ func (st *stream) Next(ctx context.Context) (driver.Event, error) {
 		if len(st.queue) > 0 {
 			ev := st.queue[0]
 			st.queue = st.queue[1:]
+			if !ev.Reset {
+				// Hand over every queued change as one batch, in order, as a
+				// network backend does with one server response (a delete
+				// and re-create of one key then arrive together).
+				ev.Changes = slices.Clone(ev.Changes)
+				for len(st.queue) > 0 && !st.queue[0].Reset {
+					ev.Changes = append(ev.Changes, st.queue[0].Changes...)
+					st.queue = st.queue[1:]
+				}
+			}
 			st.mu.Unlock()
 			return ev, nil
 		}

@@ -30,7 +30,7 @@ func TestConvertDelta(t *testing.T) {
 	if !maps.EqualFunc(m1, want1, func(a, b driver.Instance) bool { return reflect.DeepEqual(a, b) }) {
 		t.Fatalf("convert = %v", m1)
 	}
-	if len(ev.Upserts) != 3 || len(ev.Deletes) != 0 {
+	if len(puts(ev)) != 3 || len(dels(ev)) != 0 {
 		t.Fatalf("first delta = %+v", ev)
 	}
 	v2 := []model.Instance{
@@ -40,19 +40,19 @@ func TestConvertDelta(t *testing.T) {
 		host("10.0.0.4", 80, 1, map[string]string{MetaID: "d"}),               // new
 	}
 	m2, ev := b.convert("s", v2, m1)
-	if ids(ev.Upserts) != "c,d" || len(ev.Deletes) != 0 {
+	if ids(puts(ev)) != "c,d" || len(dels(ev)) != 0 {
 		t.Fatalf("second delta = %+v", ev)
 	}
 	if !reflect.DeepEqual(ev, diff(m1, m2)) {
 		t.Fatalf("delta %+v differs from diff %+v", ev, diff(m1, m2))
 	}
 	m3, ev := b.convert("s", v2[:1], m2)
-	if len(ev.Upserts) != 0 || len(ev.Deletes) != 3 || !reflect.DeepEqual(ev, diff(m2, m3)) {
+	if len(puts(ev)) != 0 || len(dels(ev)) != 3 || !reflect.DeepEqual(ev, diff(m2, m3)) {
 		t.Fatalf("third delta = %+v", ev)
 	}
 	// Metadata that changes under the same ID and address is an upsert.
 	_, ev = b.convert("s", []model.Instance{host("10.0.0.1", 80, 1, map[string]string{MetaID: "a", "zone": "z2"})}, m3)
-	if ids(ev.Upserts) != "a" {
+	if ids(puts(ev)) != "a" {
 		t.Fatalf("metadata change delta = %+v", ev)
 	}
 }
@@ -66,4 +66,24 @@ func ids(ins []driver.Instance) string {
 		s += in.ID
 	}
 	return s
+}
+
+func puts(ev driver.Event) []driver.Instance {
+	var out []driver.Instance
+	for _, c := range ev.Changes {
+		if c.Instance != nil {
+			out = append(out, *c.Instance)
+		}
+	}
+	return out
+}
+
+func dels(ev driver.Event) []string {
+	var out []string
+	for _, c := range ev.Changes {
+		if c.Instance == nil {
+			out = append(out, c.ID)
+		}
+	}
+	return out
 }

@@ -255,15 +255,14 @@ func (b *backend) convert(service string, hosts []model.Instance, prev map[strin
 		}
 		in := driver.Instance{Service: service, ID: id, Addr: addr, Metadata: metadata(h)}
 		m[id] = in
-		ev.Upserts = append(ev.Upserts, in)
+		ev.Changes = append(ev.Changes, driver.Put(in))
 	}
 	for id := range prev {
 		if _, ok := m[id]; !ok {
-			ev.Deletes = append(ev.Deletes, id)
+			ev.Changes = append(ev.Changes, driver.Delete(id))
 		}
 	}
-	slices.SortFunc(ev.Upserts, func(a, b driver.Instance) int { return strings.Compare(a.ID, b.ID) })
-	slices.Sort(ev.Deletes)
+	sortChanges(ev.Changes)
 	return m, ev
 }
 
@@ -393,12 +392,12 @@ func (st *stream) Next(ctx context.Context) (driver.Event, error) {
 		if up && ready {
 			if !st.started {
 				st.started, st.gen, st.ver, st.last = true, gen, ver, snap
-				return driver.Event{Reset: true, Upserts: sortedList(snap)}, nil
+				return driver.ResetEvent(sortedList(snap)), nil
 			}
 			if ver != st.ver {
 				var ev driver.Event
 				ev, st.last, st.ver = st.s.since(st.ver, st.last)
-				if len(ev.Upserts)+len(ev.Deletes) > 0 {
+				if len(ev.Changes) > 0 {
 					return ev, nil
 				}
 				continue
@@ -422,17 +421,22 @@ func diff(old, cur map[string]driver.Instance) driver.Event {
 	var ev driver.Event
 	for id, in := range cur {
 		if o, ok := old[id]; !ok || !sameInstance(o, in) {
-			ev.Upserts = append(ev.Upserts, in)
+			ev.Changes = append(ev.Changes, driver.Put(in))
 		}
 	}
 	for id := range old {
 		if _, ok := cur[id]; !ok {
-			ev.Deletes = append(ev.Deletes, id)
+			ev.Changes = append(ev.Changes, driver.Delete(id))
 		}
 	}
-	slices.SortFunc(ev.Upserts, func(a, b driver.Instance) int { return strings.Compare(a.ID, b.ID) })
-	slices.Sort(ev.Deletes)
+	sortChanges(ev.Changes)
 	return ev
+}
+
+// sortChanges orders a diff's changes by ID (each ID appears once, so the
+// order does not change their meaning; it keeps tests deterministic).
+func sortChanges(cs []driver.Change) {
+	slices.SortFunc(cs, func(a, b driver.Change) int { return strings.Compare(a.ID, b.ID) })
 }
 
 func (st *stream) Close() error {

@@ -44,6 +44,8 @@ type Backend interface {
 	List(ctx context.Context, service string) ([]Instance, error)
 
 	// Watch opens a watch on service. The stream's first event is a Reset.
+	// ctx bounds opening the watch only (the shared layer gives it a
+	// deadline); the stream lives until Close, never tied to ctx.
 	Watch(ctx context.Context, service string) (Stream, error)
 
 	// Close releases the backend's resources. Publications still held are
@@ -63,7 +65,9 @@ type Publication interface {
 	// Update replaces the published instance (same service and ID) with inst.
 	Update(ctx context.Context, inst Instance) error
 	// Withdraw removes the instance from the registry and releases what the
-	// publication holds. It is called at most once: on Deregister or Close,
+	// publication holds. It is called on Deregister or Close and, when it
+	// fails, again until it succeeds or the registry closes (so it must be
+	// safe to repeat); it returns nil once the instance is gone. It is called
 	// for the live publication or, if the registration was lost and not yet
 	// published again, for the lost one (whose remains it should remove if
 	// they are still there). A lost publication that gets replaced by a new
@@ -83,16 +87,47 @@ type Stream interface {
 	Close() error
 }
 
-// Event is what a Stream yields.
+// Event is what a Stream yields: either a Reset (the complete list) or a
+// batch of Changes applied in the order given. Make them with ResetEvent and
+// ChangeEvent; the zero Event is an authoritative empty Reset.
+//
+// The shape cannot express an ambiguous batch: a key deleted and created
+// again in one server response is two Changes, in order, and the shared
+// layer applies them in that order, so the instance ends present (and a
+// watcher sees at most a Changed, never a removal).
 type Event struct {
-	// Reset means Upserts is the complete list of instances; every instance
-	// not in it is gone. A Reset with no Upserts is an authoritative empty list.
+	// Reset means Instances is the complete list of instances; every
+	// instance not in it is gone. A Reset with no Instances is an
+	// authoritative empty list. Changes is empty on a Reset.
 	Reset bool
-	// Upserts are added or changed instances.
-	Upserts []Instance
-	// Deletes are the IDs of removed instances. Empty on a Reset.
-	Deletes []string
+	// Instances is the complete list, on a Reset only.
+	Instances []Instance
+	// Changes are what happened, oldest first, when Reset is false.
+	Changes []Change
 }
+
+// Change is one instance's new state: Put (Instance set) or Delete
+// (Instance nil).
+type Change struct {
+	// ID is the instance ID the change is about.
+	ID string
+	// Instance is the new value, whose ID is ID; nil when the instance is
+	// gone. A Put of a value that does not validate (garbage written by
+	// someone else) removes the instance from watchers.
+	Instance *Instance
+}
+
+// Put is the Change "inst is now this value".
+func Put(inst Instance) Change { return Change{ID: inst.ID, Instance: &inst} }
+
+// Delete is the Change "the instance with this ID is gone".
+func Delete(id string) Change { return Change{ID: id} }
+
+// ResetEvent is a Reset: list is the complete list of instances.
+func ResetEvent(list []Instance) Event { return Event{Reset: true, Instances: list} }
+
+// ChangeEvent is a batch of changes, applied in order.
+func ChangeEvent(changes ...Change) Event { return Event{Changes: changes} }
 
 // Pinger is implemented by backends that can check that their server is
 // reachable.
