@@ -14,8 +14,18 @@ var (
 	ErrInvalidURL = errors.New("registry: invalid URL")
 	// ErrUnknownScheme is returned by Open for a scheme no backend registered.
 	ErrUnknownScheme = errors.New("registry: unknown scheme")
-	// ErrUnavailable wraps failures to reach the registry server.
+	// ErrUnavailable wraps failures to reach the registry server, and calls
+	// the server did not answer within their bound.
 	ErrUnavailable = errors.New("registry: unavailable")
+	// ErrPermission wraps authentication and authorization failures (bad
+	// credentials, a missing etcd role, an ACL token or RBAC rule that does
+	// not allow the call). They are not outages: they are reported as they
+	// are and retried only at the slowest backoff.
+	ErrPermission = errors.New("registry: permission denied")
+	// ErrConflict wraps a registration of a (service, ID) that is already
+	// registered: by this Registry (a second Register of a live
+	// registration), or by another live registrar in the registry server.
+	ErrConflict = errors.New("registry: instance ID already registered")
 )
 
 // Error records a failed operation on one service.
