@@ -382,6 +382,29 @@ func (s *Server) ConnectionIDs() []string {
 	return ids
 }
 
+// PendingPushes is the number of pushes of a service that are scheduled or
+// sent and not yet acknowledged (Empty namespace and group mean "public" and
+// "DEFAULT_GROUP"). The SDK acknowledges a NotifySubscriberRequest after it
+// has processed it (ServiceInfoHolder.ProcessService, callbacks included), so
+// 0 means every subscriber has applied every push of the service.
+func (s *Server) PendingPushes(namespace, group, service string) int {
+	k := helperKey(namespace, group, service)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	if _, ok := s.pushTasks[k]; ok {
+		n++
+	}
+	for _, c := range s.conns {
+		for _, a := range c.acks {
+			if a.push != nil && *a.push == k {
+				n++
+			}
+		}
+	}
+	return n
+}
+
 // Instances returns every instance of a service as ServiceStorage would build
 // it now (disabled and unhealthy ones included), sorted by ip, port, cluster.
 // Empty namespace and group mean "public" and "DEFAULT_GROUP".
