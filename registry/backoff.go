@@ -21,6 +21,9 @@ func (b Backoff) withDefaults() Backoff {
 	return b
 }
 
+// maxAttempt is an attempt number whose Delay is always about Max.
+const maxAttempt = 64
+
 // Delay returns the wait before retry number attempt (0-based): a random
 // duration between half and all of min(Max, Min*2^attempt).
 func (b Backoff) Delay(attempt int) time.Duration {

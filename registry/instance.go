@@ -106,7 +106,7 @@ func (in Instance) Validate() error {
 		return err
 	}
 	if in.ID == "" {
-		if err := checkName("instance ID (from address)", in.Addr, MaxIDLen); err != nil {
+		if err := checkName("instance ID (taken from the address, since none is set)", in.Addr, MaxIDLen); err != nil {
 			return err
 		}
 	}
@@ -137,10 +137,15 @@ func checkName(what, s string, max int) error {
 		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9':
 		case r == '.' || r == '_' || r == '-' || r == ':':
 			if i == 0 && r != '_' {
-				return invalid("%s %q must start with a letter, digit or '_'", what, s)
+				return invalid("%s %q must start with a letter, digit, '_' or '['", what, s)
 			}
+		case (r == '[' || r == ']') && what != "service name":
+			// An ID may be an IPv6 address with its port: "[2001:db8::1]:8080".
 		default:
-			return invalid("%s %q contains %q; allowed are letters, digits and . _ - :", what, s, r)
+			if what == "service name" {
+				return invalid("%s %q contains %q; allowed are letters, digits and . _ - :", what, s, r)
+			}
+			return invalid("%s %q contains %q; allowed are letters, digits and . _ - : [ ]", what, s, r)
 		}
 	}
 	return nil
@@ -157,8 +162,13 @@ func validateAddr(addr string) error {
 	if host == "" {
 		return invalid("address %q has no host", addr)
 	}
-	if net.ParseIP(host) == nil && !validDNSName(host) {
+	ip := net.ParseIP(host)
+	if ip == nil && !validDNSName(host) {
 		return invalid("address %q: host is neither an IP address nor a DNS name", addr)
+	}
+	if ip != nil && ip.IsUnspecified() {
+		// What net.Listen(":0") reports: no client can dial it.
+		return invalid("address %q: %s is the wildcard (listen-on-all) address, which no client can dial; register the host's own IP or name with the listener's port", addr, host)
 	}
 	p, err := strconv.Atoi(port)
 	if err != nil || p < 1 || p > 65535 {

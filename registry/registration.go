@@ -2,6 +2,8 @@ package registry
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -11,22 +13,25 @@ import (
 // Registration is a registered instance kept alive by a supervisor: after the
 // lease or session is lost, the registry restarts or wipes its data, or
 // someone deletes the entry, it registers the instance again, retrying with
-// capped, jittered backoff for as long as the Registration lives. It is safe
-// for concurrent use.
+// capped, jittered backoff for as long as the Registration lives. Deregister
+// is supervised the same way: a withdrawal that fails is retried until it
+// succeeds or the Registry closes. It is safe for concurrent use.
 type Registration struct {
 	r      *registry
 	ctx    context.Context // canceled by Deregister and registry Close
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the supervisor has exited
 
-	opMu sync.Mutex // serialises Update and Deregister
+	opMu sync.Mutex // serialises Update, re-registration and Deregister
 
-	mu     sync.Mutex
-	inst   Instance
-	pub    driver.Publication // nil while lost
-	lost   driver.Publication // the lost publication, until replaced
-	status Status
-	closed bool
+	mu          sync.Mutex
+	inst        Instance
+	pub         driver.Publication // nil while lost
+	lost        driver.Publication // the lost publication, until replaced
+	status      Status
+	closed      bool          // Deregister was called
+	withdrawn   chan struct{} // closed once the withdrawal has ended; nil before Deregister
+	withdrawErr error         // why the withdrawal ended without success (registry closed), or nil
 }
 
 // State is the state of a Registration.
@@ -35,11 +40,15 @@ type State int
 const (
 	// Registered: the instance is published.
 	Registered State = iota
-	// Retrying: the publication was lost and the supervisor is registering
-	// the instance again.
+	// Retrying: the publication was lost (or refused: Status.Err says why)
+	// and the supervisor is registering the instance again.
 	Retrying
-	// Deregistered: Deregister was called or the registry closed.
+	// Deregistered: the instance was withdrawn, or the registry closed.
 	Deregistered
+	// Withdrawing: Deregister was called and the withdrawal has not
+	// succeeded yet (Status.Err says why); it is retried until it succeeds
+	// or the registry closes.
+	Withdrawing
 )
 
 func (s State) String() string {
@@ -50,6 +59,8 @@ func (s State) String() string {
 		return "retrying"
 	case Deregistered:
 		return "deregistered"
+	case Withdrawing:
+		return "withdrawing"
 	}
 	return "unknown"
 }
@@ -57,8 +68,10 @@ func (s State) String() string {
 // Status reports a Registration's state.
 type Status struct {
 	State State
-	// Err is why the last publication was lost, or the last failed attempt
-	// to publish again; nil while Registered.
+	// Err is why the last publication was lost, the last failed attempt to
+	// publish again, or the last failed attempt to withdraw; nil while
+	// Registered. errors.Is(Err, ErrPermission) and errors.Is(Err,
+	// ErrConflict) tell a refusal from an outage (ErrUnavailable).
 	Err error
 	// Since is when State last changed.
 	Since time.Time
@@ -96,10 +109,15 @@ func (g *Registration) setStatus(s State, err error) {
 }
 
 // supervise waits for the publication to be lost and publishes again.
+// Backoff grows across consecutive losses: a publication that is lost again
+// soon after it was made (another registrar fighting over the ID, a server
+// that accepts writes but drops them) is republished later each time.
 func (g *Registration) supervise() {
 	defer g.r.wg.Done()
 	defer close(g.done)
 	log := g.r.log
+	streak := 0 // consecutive losses of short-lived publications
+	since := time.Now()
 	for {
 		g.mu.Lock()
 		pub := g.pub
@@ -113,6 +131,9 @@ func (g *Registration) supervise() {
 		if g.ctx.Err() != nil {
 			return
 		}
+		if time.Since(since) >= g.r.opts.Backoff.Max {
+			streak = 0 // it had been fine for a while: start over
+		}
 		g.mu.Lock()
 		if g.pub == pub {
 			g.pub, g.lost = nil, pub
@@ -125,30 +146,45 @@ func (g *Registration) supervise() {
 		// valid on the server (a lease the client gave up on but the server
 		// kept), and deleting it would make the instance flap. The next
 		// publication replaces it.
-		if !g.republish() {
+		if !g.republish(streak, err) {
 			return
 		}
+		streak++
+		since = time.Now()
 	}
 }
 
-// republish publishes the instance until it succeeds or the registration ends.
-func (g *Registration) republish() bool {
-	for attempt := 0; ; attempt++ {
-		if !sleepCtx(g.ctx, g.r.opts.Backoff.Delay(attempt)) {
+// refusal reports whether err is a refusal (permission, conflict) rather
+// than an outage: those are retried at the slowest backoff.
+func refusal(err error) bool {
+	return errors.Is(err, ErrPermission) || errors.Is(err, ErrConflict)
+}
+
+// republish publishes the instance until it succeeds or the registration
+// ends. attempt is where the backoff starts; lossErr is why it was lost.
+func (g *Registration) republish(attempt int, lossErr error) bool {
+	for ; ; attempt++ {
+		d := g.r.opts.Backoff.Delay(attempt)
+		if refusal(lossErr) {
+			d = g.r.opts.Backoff.Delay(maxAttempt)
+		}
+		if !sleepCtx(g.ctx, d) {
 			return false
 		}
 		g.opMu.Lock() // no Update or Deregister in between
 		g.mu.Lock()
 		inst := g.inst
 		g.mu.Unlock()
-		ctx, cancel := context.WithTimeout(g.ctx, g.r.opts.CallTimeout)
+		ctx, cancel := g.r.callCtx(g.ctx)
 		pub, err := g.r.b.Publish(ctx, driver.Instance(inst))
+		err = g.r.callErr(g.ctx, ctx, err)
 		cancel()
 		if err != nil {
 			g.opMu.Unlock()
 			if g.ctx.Err() != nil {
 				return false
 			}
+			lossErr = err
 			g.setStatus(Retrying, err)
 			g.r.log.Warn("registry: re-registration failed", "instance", inst.String(), "attempt", attempt+1, "err", err)
 			continue
@@ -166,7 +202,8 @@ func (g *Registration) republish() bool {
 // Update replaces the registered instance's address and metadata. inst must
 // have the same Service and ID (an empty ID means the current one). While the
 // registration is being re-registered, the new value is stored and published
-// by the next attempt.
+// by the next attempt. The backend call is bounded by ctx and by the
+// Registry's CallTimeout, and Deregister or Close cut it short.
 func (g *Registration) Update(ctx context.Context, inst Instance) error {
 	g.opMu.Lock()
 	defer g.opMu.Unlock()
@@ -187,7 +224,16 @@ func (g *Registration) Update(ctx context.Context, inst Instance) error {
 		return opErr("update", cur.Service, err)
 	}
 	if pub != nil {
-		if err := pub.Update(ctx, driver.Instance(inst)); err != nil {
+		cctx, cancel := g.r.callCtx(ctx)
+		stop := context.AfterFunc(g.ctx, cancel)
+		err := pub.Update(cctx, driver.Instance(inst))
+		stop()
+		err = g.r.callErr(ctx, cctx, err)
+		cancel()
+		if err != nil {
+			if g.ctx.Err() != nil && ctx.Err() == nil {
+				err = ErrClosed
+			}
 			return opErr("update", cur.Service, err)
 		}
 	}
@@ -198,31 +244,102 @@ func (g *Registration) Update(ctx context.Context, inst Instance) error {
 }
 
 // Deregister stops the supervisor and withdraws the instance from the
-// registry at once. It is idempotent: later calls return nil.
+// registry at once. If the withdrawal fails (the registry is unreachable),
+// Deregister returns the error and the withdrawal goes on in the background,
+// retried with backoff until it succeeds or the Registry closes; Status
+// says Withdrawing meanwhile. ctx bounds only how long Deregister waits:
+// even a canceled ctx starts the withdrawal. Later calls wait for the same
+// withdrawal; they return nil once it has succeeded.
 func (g *Registration) Deregister(ctx context.Context) error {
 	g.mu.Lock()
-	if g.closed {
+	if !g.closed {
+		g.closed = true
+		g.withdrawn = make(chan struct{})
 		g.mu.Unlock()
-		return nil
+		g.cancel() // stops the supervisor, also in the middle of a re-registration
+		<-g.done
+		g.opMu.Lock() // wait for an Update in flight (cut short by cancel)
+		g.mu.Lock()
+		pub := g.pub
+		if pub == nil {
+			// Lost and not yet published again: withdraw what may remain of it.
+			pub = g.lost
+		}
+		g.pub, g.lost = nil, nil
+		g.mu.Unlock()
+		g.opMu.Unlock()
+		if pub == nil {
+			g.finishWithdraw(nil)
+		} else {
+			g.setStatus(Withdrawing, nil)
+			g.r.wg.Add(1)
+			go g.withdraw(pub)
+		}
+		g.mu.Lock()
 	}
-	g.closed = true
+	done := g.withdrawn
+	service := g.inst.Service
 	g.mu.Unlock()
-	g.cancel() // stops the supervisor, also in the middle of a re-registration
-	<-g.done
-	g.opMu.Lock() // wait for an Update in flight
-	defer g.opMu.Unlock()
+	select {
+	case <-done:
+		g.mu.Lock()
+		err := g.withdrawErr
+		g.mu.Unlock()
+		return opErr("deregister", service, err)
+	case <-ctx.Done():
+		err := ctx.Err()
+		if st := g.Status(); st.Err != nil {
+			err = fmt.Errorf("%w (withdrawal goes on in the background; last attempt: %w)", err, st.Err)
+		} else {
+			err = fmt.Errorf("%w (withdrawal goes on in the background)", err)
+		}
+		return opErr("deregister", service, err)
+	}
+}
+
+// withdraw withdraws pub until it succeeds or the registry closes.
+func (g *Registration) withdraw(pub driver.Publication) {
+	defer g.r.wg.Done()
+	inst := g.Instance()
+	for attempt := 0; ; attempt++ {
+		ctx, cancel := g.r.callCtx(g.r.ctx)
+		err := g.r.callErr(g.r.ctx, ctx, pub.Withdraw(ctx))
+		cancel()
+		if err == nil {
+			g.finishWithdraw(nil)
+			g.r.log.Debug("registry: deregistered", "instance", inst.String(), "attempts", attempt+1)
+			return
+		}
+		if g.r.ctx.Err() != nil {
+			g.finishWithdraw(fmt.Errorf("%w before the instance could be withdrawn (last attempt: %w)", ErrClosed, err))
+			return
+		}
+		g.setStatus(Withdrawing, err)
+		g.r.log.Warn("registry: deregistration failed; retrying", "instance", inst.String(), "attempt", attempt+1, "err", err)
+		d := g.r.opts.Backoff.Delay(attempt)
+		if refusal(err) {
+			d = g.r.opts.Backoff.Delay(maxAttempt)
+		}
+		if !sleepCtx(g.r.ctx, d) {
+			g.finishWithdraw(fmt.Errorf("%w before the instance could be withdrawn (last attempt: %w)", ErrClosed, err))
+			return
+		}
+	}
+}
+
+func (g *Registration) finishWithdraw(err error) {
 	g.r.forget(g)
 	g.mu.Lock()
-	pub, inst := g.pub, g.inst
-	if pub == nil {
-		// Lost and not yet published again: withdraw what may remain of it.
-		pub = g.lost
+	g.withdrawErr = err
+	if g.status.State != Deregistered {
+		g.status.Since = time.Now()
 	}
-	g.pub, g.lost = nil, nil
+	g.status.State = Deregistered
+	if err == nil {
+		g.status.Err = nil
+	} else {
+		g.status.Err = err
+	}
+	close(g.withdrawn)
 	g.mu.Unlock()
-	g.setStatus(Deregistered, nil)
-	if pub == nil {
-		return nil
-	}
-	return opErr("deregister", inst.Service, pub.Withdraw(ctx))
 }

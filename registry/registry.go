@@ -22,6 +22,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -68,9 +69,21 @@ type Options struct {
 	// Backoff bounds the retry delays of re-registration and watch restarts.
 	// The zero value means 100ms to 10s, jittered.
 	Backoff Backoff
-	// CallTimeout bounds each backend call made in the background
-	// (re-registration); 5s when zero.
+	// CallTimeout bounds every call the shared layer makes to the backend
+	// (Register's publication, Lookup, Ping, opening a watch, Update,
+	// re-registration, withdrawal), together with the caller's context
+	// where there is one; 5s when zero. A call that gets no answer within
+	// it fails with ErrUnavailable.
 	CallTimeout time.Duration
+	// ResyncGrace is how long a Watcher that resynchronises after an
+	// outage stays Stale while instances it knew before the outage are
+	// missing from the registry: a lease that expired during the outage is
+	// usually renewed or re-registered within moments of the registry
+	// coming back, and holding those removals back for this long keeps
+	// such an instance from being delivered as removed and then added
+	// again. Instances still missing when it ends are removed. 3s when
+	// zero; a negative value turns it off.
+	ResyncGrace time.Duration
 	// CloseTimeout bounds the deregistrations done by Close; 5s when zero.
 	CloseTimeout time.Duration
 }
@@ -92,8 +105,12 @@ func New(b driver.Backend, opts *Options) Registry {
 	if o.CloseTimeout <= 0 {
 		o.CloseTimeout = 5 * time.Second
 	}
+	if o.ResyncGrace == 0 {
+		o.ResyncGrace = 3 * time.Second
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &registry{b: b, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, regs: map[*Registration]struct{}{}, watchers: map[*Watcher]struct{}{}}
+	return &registry{b: b, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, regs: map[*Registration]struct{}{},
+		byKey: map[[2]string]*Registration{}, watchers: map[*Watcher]struct{}{}}
 }
 
 type registry struct {
@@ -106,6 +123,7 @@ type registry struct {
 	mu       sync.Mutex
 	closed   bool
 	regs     map[*Registration]struct{}
+	byKey    map[[2]string]*Registration // live registrations by (service, ID), and Register calls in flight (nil)
 	watchers map[*Watcher]struct{}
 	closeErr error
 	wg       sync.WaitGroup
@@ -118,24 +136,35 @@ func (r *registry) Register(ctx context.Context, inst Instance) (*Registration, 
 	if err != nil {
 		return nil, opErr("register", inst.Service, err)
 	}
+	key := [2]string{inst.Service, inst.ID}
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
 		return nil, opErr("register", inst.Service, ErrClosed)
 	}
-	r.wg.Add(1) // held until the registration is tracked or abandoned
+	if _, dup := r.byKey[key]; dup {
+		r.mu.Unlock()
+		return nil, opErr("register", inst.Service, fmt.Errorf("%w: %s is registered by this Registry already (update it, or deregister it first)", ErrConflict, inst.String()))
+	}
+	r.byKey[key] = nil // reserved while the first publication is in flight
+	r.wg.Add(1)        // held until the registration is tracked or abandoned
 	r.mu.Unlock()
 	defer r.wg.Done()
 
-	pctx, stop := r.bound(ctx)
+	pctx, stop := r.callCtx(ctx)
 	pub, err := r.b.Publish(pctx, driver.Instance(inst))
+	err = r.callErr(ctx, pctx, err)
 	stop()
 	if err != nil {
+		r.mu.Lock()
+		delete(r.byKey, key)
+		r.mu.Unlock()
 		return nil, opErr("register", inst.Service, err)
 	}
 	reg := newRegistration(r, inst, pub)
 	r.mu.Lock()
 	if r.closed {
+		delete(r.byKey, key)
 		r.mu.Unlock()
 		wctx, cancel := context.WithTimeout(context.Background(), r.opts.CloseTimeout)
 		defer cancel()
@@ -143,6 +172,7 @@ func (r *registry) Register(ctx context.Context, inst Instance) (*Registration, 
 		return nil, opErr("register", inst.Service, ErrClosed)
 	}
 	r.regs[reg] = struct{}{}
+	r.byKey[key] = reg
 	r.wg.Add(1)
 	r.mu.Unlock()
 	go reg.supervise()
@@ -150,16 +180,38 @@ func (r *registry) Register(ctx context.Context, inst Instance) (*Registration, 
 	return reg, nil
 }
 
-// bound returns ctx, also canceled when the registry closes.
-func (r *registry) bound(ctx context.Context) (context.Context, context.CancelFunc) {
-	ctx, cancel := context.WithCancel(ctx)
+// callCtx bounds one backend call: ctx, CallTimeout, and the registry's
+// Close, whichever ends first.
+func (r *registry) callCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(ctx, r.opts.CallTimeout)
 	stop := context.AfterFunc(r.ctx, cancel)
 	return ctx, func() { stop(); cancel() }
 }
 
+// callErr turns the error of a call made with callCtx(parent) into what the
+// caller sees: when the call ran out of CallTimeout while the caller's
+// context was still live, the registry did not answer in time, which is
+// ErrUnavailable (a backend that said more is kept as it said it).
+func (r *registry) callErr(parent, cctx context.Context, err error) error {
+	if err == nil || parent.Err() != nil || errors.Is(err, ErrUnavailable) || errors.Is(err, ErrPermission) {
+		return err
+	}
+	if r.ctx.Err() != nil {
+		return ErrClosed
+	}
+	if cctx.Err() != nil && errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%w: no answer within %v: %w", ErrUnavailable, r.opts.CallTimeout, err)
+	}
+	return err
+}
+
 func (r *registry) forget(reg *Registration) {
+	key := [2]string{reg.inst.Service, reg.inst.ID}
 	r.mu.Lock()
 	delete(r.regs, reg)
+	if r.byKey[key] == reg {
+		delete(r.byKey, key)
+	}
 	r.mu.Unlock()
 }
 
@@ -170,7 +222,10 @@ func (r *registry) Lookup(ctx context.Context, service string) ([]Instance, erro
 	if r.isClosed() {
 		return nil, opErr("lookup", service, ErrClosed)
 	}
-	list, err := r.b.List(ctx, service)
+	cctx, stop := r.callCtx(ctx)
+	list, err := r.b.List(cctx, service)
+	err = r.callErr(ctx, cctx, err)
+	stop()
 	if err != nil {
 		return nil, opErr("lookup", service, err)
 	}
@@ -225,11 +280,15 @@ func (r *registry) Ping(ctx context.Context) error {
 	if r.isClosed() {
 		return opErr("ping", "", ErrClosed)
 	}
+	cctx, stop := r.callCtx(ctx)
+	defer stop()
+	var err error
 	if p, ok := r.b.(driver.Pinger); ok {
-		return opErr("ping", "", p.Ping(ctx))
+		err = p.Ping(cctx)
+	} else {
+		_, err = r.b.List(cctx, "rollcall-ping")
 	}
-	_, err := r.b.List(ctx, "rollcall-ping")
-	return opErr("ping", "", err)
+	return opErr("ping", "", r.callErr(ctx, cctx, err))
 }
 
 func (r *registry) isClosed() bool {

@@ -86,7 +86,7 @@ func (m *URLMux) Open(ctx context.Context, rawURL string) (Registry, error) {
 // OpenURL is Open for a parsed URL.
 func (m *URLMux) OpenURL(ctx context.Context, u *url.URL) (Registry, error) {
 	if u.Scheme == "" {
-		return nil, fmt.Errorf("%w: %q has no scheme (want e.g. etcd://127.0.0.1:2379)", ErrInvalidURL, u.Redacted())
+		return nil, fmt.Errorf("%w: %q has no scheme (want e.g. etcd://127.0.0.1:2379)", ErrInvalidURL, RedactURL(u))
 	}
 	m.mu.RLock()
 	opener := m.openers[u.Scheme]

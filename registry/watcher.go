@@ -2,10 +2,12 @@ package registry
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/rollcall-go/rollcall/registry/driver"
 )
@@ -31,7 +33,12 @@ type Watcher struct {
 	synced    bool                // known holds a complete list
 	stale     bool
 	err       error
-	lastStale bool // Stale of the last delivered update
+	lastStale bool            // Stale of the last delivered update
+	outage    bool            // the backend watch failed since the last Reset
+	inGrace   bool            // a resync grace is running (see Options.ResyncGrace)
+	held      map[string]bool // IDs held back during the grace
+	graceGen  int
+	announce  bool // deliver an update even if nothing else changed (the stale reason did)
 
 	nextMu    sync.Mutex // one Next at a time; guards the fields below
 	delivered map[string]Instance
@@ -98,7 +105,7 @@ func sortByID(s []Instance) {
 func newWatcher(r *registry, service string) *Watcher {
 	ctx, cancel := context.WithCancel(r.ctx)
 	return &Watcher{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}), notify: make(chan struct{}, 1),
-		known: map[string]Instance{}, dirty: map[string]struct{}{}, delivered: map[string]Instance{}}
+		known: map[string]Instance{}, dirty: map[string]struct{}{}, delivered: map[string]Instance{}, held: map[string]bool{}}
 }
 
 // Close stops the watch and waits for its goroutine. It is idempotent.
@@ -127,7 +134,11 @@ func (w *Watcher) run(parent context.Context) {
 	ctx := w.ctx
 	log := w.r.log
 	for attempt := 0; ; attempt++ {
-		st, err := w.r.b.Watch(ctx, w.service)
+		octx, stop := w.r.callCtx(ctx)
+		st, err := w.r.b.Watch(octx, w.service)
+		err = w.r.callErr(ctx, octx, err)
+		stop()
+		var healthy time.Time // when the stream delivered its Reset
 		if err == nil {
 			for {
 				var ev driver.Event
@@ -135,8 +146,8 @@ func (w *Watcher) run(parent context.Context) {
 				if err != nil {
 					break
 				}
-				if ev.Reset {
-					attempt = 0
+				if ev.Reset && healthy.IsZero() {
+					healthy = time.Now()
 				}
 				w.apply(ev)
 			}
@@ -145,9 +156,19 @@ func (w *Watcher) run(parent context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		// Backoff grows across failures; it starts over only after a stream
+		// that stayed up for a while, so a backend that lists but cannot
+		// watch is not hammered.
+		if !healthy.IsZero() && time.Since(healthy) >= w.r.opts.Backoff.Max {
+			attempt = 0
+		}
 		log.Warn("registry: watch failed; keeping the last known list", "service", w.service, "err", err)
 		w.setStale(err)
-		if !sleepCtx(ctx, w.r.opts.Backoff.Delay(attempt)) {
+		d := w.r.opts.Backoff.Delay(attempt)
+		if refusal(err) {
+			d = w.r.opts.Backoff.Delay(maxAttempt)
+		}
+		if !sleepCtx(ctx, d) {
 			return
 		}
 	}
@@ -166,8 +187,29 @@ func (w *Watcher) wakeLocked() {
 func (w *Watcher) setStale(err error) {
 	w.mu.Lock()
 	w.stale, w.err = true, err
+	w.outage = true
+	w.graceGen++ // a grace in progress ends with the next Reset instead
 	w.mu.Unlock()
 	w.wake()
+}
+
+// endGrace ends the resync grace started by generation gen: instances still
+// held back are removed and the watcher is fresh again.
+func (w *Watcher) endGrace(gen int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if gen != w.graceGen || !w.inGrace {
+		return
+	}
+	for id := range w.held {
+		if _, ok := w.known[id]; ok {
+			delete(w.known, id)
+			w.dirty[id] = struct{}{}
+		}
+	}
+	clear(w.held)
+	w.inGrace, w.stale, w.err = false, false, nil
+	w.wakeLocked()
 }
 
 // apply merges a backend event into known.
@@ -193,19 +235,48 @@ func (w *Watcher) apply(ev driver.Event) {
 				fresh[in.ID] = in
 			}
 		}
+		// After an outage, instances known before it that the registry does
+		// not list now are held back for ResyncGrace while the watcher stays
+		// stale: their registrars are usually renewing or re-registering
+		// them this very moment.
+		grace := w.outage && w.synced && w.r.opts.ResyncGrace > 0
+		w.outage = false
+		if !grace && !w.inGrace {
+			clear(w.held)
+		}
 		for id := range w.known {
-			if _, ok := fresh[id]; !ok {
-				del(id)
+			if _, ok := fresh[id]; ok {
+				delete(w.held, id)
+				continue
 			}
+			if grace || (w.inGrace && w.held[id]) {
+				w.held[id] = true
+				continue
+			}
+			del(id)
 		}
 		for id, in := range fresh {
 			set(id, in)
 		}
-		w.synced, w.stale, w.err = true, false, nil
+		w.synced = true
+		switch {
+		case len(w.held) == 0:
+			w.inGrace, w.stale, w.err = false, false, nil
+			w.graceGen++
+		case grace:
+			w.inGrace, w.stale, w.announce = true, true, true
+			w.err = fmt.Errorf("%w: resynchronising after an outage: waiting up to %v for %d instance(s) to be renewed", ErrUnavailable, w.r.opts.ResyncGrace, len(w.held))
+			w.graceGen++
+			gen := w.graceGen
+			time.AfterFunc(w.r.opts.ResyncGrace, func() { w.endGrace(gen) })
+		}
 	} else {
 		// In order: a key deleted and put again in one batch ends present.
 		for _, c := range ev.Changes {
 			if c.Instance == nil {
+				if w.held[c.ID] {
+					continue // already missing; the grace decides
+				}
 				del(c.ID)
 				continue
 			}
@@ -217,10 +288,20 @@ func (w *Watcher) apply(ev driver.Event) {
 			}
 			if in, ok := w.r.accept(w.service, di); ok {
 				set(in.ID, in)
+				if w.held[in.ID] {
+					delete(w.held, in.ID)
+				}
 			} else if c.ID != "" {
 				// Overwritten by something invalid: the instance is gone.
 				del(c.ID)
+				delete(w.held, c.ID)
 			}
+		}
+		if w.inGrace && len(w.held) == 0 {
+			// Everything held back came back: fresh at once.
+			w.inGrace, w.stale, w.err = false, false, nil
+			w.graceGen++
+			w.wakeLocked()
 		}
 	}
 	if len(w.dirty) > 0 || ev.Reset {
@@ -266,7 +347,7 @@ func (w *Watcher) take() (Update, bool) {
 		}
 		return Update{}, false
 	}
-	if w.first && len(w.dirty) == 0 && w.stale == w.lastStale {
+	if w.first && len(w.dirty) == 0 && w.stale == w.lastStale && !w.announce {
 		return Update{}, false
 	}
 	u := Update{Stale: w.stale, Err: w.err, Synced: true}
@@ -292,10 +373,10 @@ func (w *Watcher) take() (Update, bool) {
 		}
 	}
 	clear(w.dirty)
-	if w.first && len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.stale == w.lastStale {
+	if w.first && len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.stale == w.lastStale && !w.announce {
 		return Update{}, false
 	}
-	w.first, w.lastStale = true, w.stale
+	w.first, w.lastStale, w.announce = true, w.stale, false
 	sortByID(u.Added)
 	sortByID(u.Changed)
 	sortByID(u.Removed)
