@@ -31,8 +31,16 @@ type harness struct {
 	stopped bool
 }
 
+// restrictedUser has a valid token and no RBAC rule at all.
+const restrictedUser = "restricted"
+
+var (
+	_ conformance.NamespaceMaker  = (*harness)(nil)
+	_ conformance.RestrictedMaker = (*harness)(nil)
+)
+
 func TestConformance(t *testing.T) {
-	env := startKube(t)
+	env := startKube(t, restrictedUser)
 	conformance.RunConformanceTests(t, func(ctx context.Context, t *testing.T) (conformance.Harness, error) {
 		return &harness{t: t, env: env, ns: env.namespace(t)}, nil
 	})
@@ -40,6 +48,34 @@ func TestConformance(t *testing.T) {
 
 func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
 	r, err := NewForConfig(h.env.config(testserver.KubeAdmin), &Options{Namespace: h.ns, TTL: ttl, Logger: testLogger()})
+	if err != nil {
+		return nil, err
+	}
+	h.t.Cleanup(func() { _ = r.Close() })
+	return r, nil
+}
+
+// MakeRegistryIn makes a registry in a Kubernetes namespace of its own for
+// this subtest: the harness's namespace name, "-", namespace (created on
+// first use), so that the suite's names stay apart from other subtests'.
+func (h *harness) MakeRegistryIn(ctx context.Context, ttl time.Duration, namespace string) (registry.Registry, error) {
+	ns := h.ns + "-" + namespace
+	_, err := h.env.admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return nil, fmt.Errorf("creating namespace %s: %w", ns, err)
+	}
+	r, err := NewForConfig(h.env.config(testserver.KubeAdmin), &Options{Namespace: ns, TTL: ttl, Logger: testLogger()})
+	if err != nil {
+		return nil, err
+	}
+	h.t.Cleanup(func() { _ = r.Close() })
+	return r, nil
+}
+
+// MakeRestrictedRegistry makes a registry whose user the API server
+// authenticates but that no RBAC rule allows anything.
+func (h *harness) MakeRestrictedRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
+	r, err := NewForConfig(h.env.config(restrictedUser), &Options{Namespace: h.ns, TTL: ttl, Logger: testLogger()})
 	if err != nil {
 		return nil, err
 	}

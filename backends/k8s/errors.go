@@ -39,8 +39,11 @@ func (e *ForbiddenError) Error() string {
 		e.Verb, e.Resource, e.Namespace, e.Err)
 }
 
-// Unwrap returns ErrForbidden and the API server's error.
-func (e *ForbiddenError) Unwrap() []error { return []error{ErrForbidden, e.Err} }
+// Unwrap returns ErrForbidden, registry.ErrPermission and the API server's
+// error.
+func (e *ForbiddenError) Unwrap() []error {
+	return []error{ErrForbidden, registry.ErrPermission, e.Err}
+}
 
 const (
 	resSlices = "endpointslices.discovery.k8s.io"
@@ -63,7 +66,8 @@ func unreachable(err error) bool {
 
 // wrap turns an error from a call to the API server into the error the
 // backend returns: ctx's own error unchanged when ctx is done; a
-// *ForbiddenError for RBAC refusals; registry.ErrInvalidInstance for objects
+// *ForbiddenError for RBAC refusals and registry.ErrPermission for refused
+// credentials (both are registry.ErrPermission); registry.ErrInvalidInstance for objects
 // the API server finds invalid; registry.ErrUnavailable (with the cause) when
 // the server did not answer.
 func (b *backend) wrap(ctx context.Context, verb, resource string, err error) error {
@@ -76,6 +80,9 @@ func (b *backend) wrap(ctx context.Context, verb, resource string, err error) er
 	switch {
 	case apierrors.IsForbidden(err):
 		return &ForbiddenError{Verb: verb, Resource: resource, Namespace: b.ns, Err: err}
+	case apierrors.IsUnauthorized(err):
+		return fmt.Errorf("k8s: %s %s in namespace %q: the API server does not accept the client's credentials (token or certificate): %w: %w",
+			verb, resource, b.ns, registry.ErrPermission, err)
 	case apierrors.IsInvalid(err):
 		return fmt.Errorf("%w: k8s: %s %s: %w", registry.ErrInvalidInstance, verb, resource, err)
 	case unreachable(err):

@@ -118,7 +118,10 @@
 // process costs the API server one /readyz a second.
 //
 // RBAC refusals are returned as *ForbiddenError, naming the verb and the
-// resource. Discovery needs get, list and watch on endpointslices and leases
+// resource; credentials the API server refuses (401) as an error naming
+// them. Both wrap registry.ErrPermission, never registry.ErrUnavailable: the
+// shared layer reports them as they are and retries them only at its
+// slowest backoff. Discovery needs get, list and watch on endpointslices and leases
 // (and delete on both to clean up expired registrations, optional);
 // registration needs create, get, list, update, patch and delete on both.
 //

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"slices"
 	"strings"
@@ -86,6 +87,9 @@ func wantForbidden(t *testing.T, what string, err error, verb, resource string) 
 	if !errors.As(err, &fe) || !errors.Is(err, ErrForbidden) {
 		t.Fatalf("%s: %v, want a *ForbiddenError", what, err)
 	}
+	if !errors.Is(err, registry.ErrPermission) || errors.Is(err, registry.ErrUnavailable) {
+		t.Fatalf("%s: %v is not registry.ErrPermission (or is also ErrUnavailable)", what, err)
+	}
 	if fe.Verb != verb || fe.Resource != resource {
 		t.Fatalf("%s: forbidden %q on %q, want %q on %q", what, fe.Verb, fe.Resource, verb, resource)
 	}
@@ -150,4 +154,22 @@ func testRBAC(t *testing.T, env *kubeEnv) {
 	wantForbidden(t, "dave Lookup", err, "list", "leases.coordination.k8s.io")
 	err = dave.Ping(ctxFor(t, 10*time.Second))
 	wantForbidden(t, "dave Ping", err, "list", "endpointslices.discovery.k8s.io")
+
+	// A token the API server does not know: a permission error too (401),
+	// not an outage.
+	cfg := env.config("dave")
+	cfg.BearerToken = "not-a-token"
+	eve, err := NewForConfig(cfg, &Options{Namespace: ns, TTL: 2 * time.Second, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer eve.Close()
+	for what, err := range map[string]error{
+		"Ping":   eve.Ping(ctxFor(t, 10*time.Second)),
+		"Lookup": func() error { _, err := eve.Lookup(ctxFor(t, 10*time.Second), "rbac"); return err }(),
+	} {
+		if !errors.Is(err, registry.ErrPermission) || errors.Is(err, registry.ErrUnavailable) || !strings.Contains(fmt.Sprint(err), "credentials") {
+			t.Fatalf("%s with an unknown token: %v, want registry.ErrPermission naming the credentials", what, err)
+		}
+	}
 }
