@@ -69,9 +69,11 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 	if err != nil {
 		return nil, err
 	}
+	// The stream lives until Close (or the backend's end), whatever ctx,
+	// which bounds only opening: it opens in the background, and its first
+	// list reports an unreachable server as the stream's error.
 	sctx, cancel := context.WithCancel(b.ctx)
 	s := &stream{b: b, t: t, ctx: sctx, cancel: cancel, done: make(chan struct{}), notify: make(chan struct{}, 1)}
-	s.stopAfter = context.AfterFunc(ctx, cancel)
 	if !b.addStream(s) {
 		cancel()
 		return nil, errors.New("k8s: backend closed")
@@ -154,13 +156,12 @@ func (b *backend) healthLoop() {
 // stream is an open watch of one target: a goroutine lists and watches,
 // and queues events (unbounded, so it never blocks on a slow reader).
 type stream struct {
-	b         *backend
-	t         target
-	ctx       context.Context
-	cancel    context.CancelFunc
-	stopAfter func() bool
-	done      chan struct{}
-	notify    chan struct{}
+	b      *backend
+	t      target
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+	notify chan struct{}
 
 	mu    sync.Mutex
 	queue []driver.Event
@@ -229,7 +230,6 @@ func (s *stream) run() {
 	defer s.b.wg.Done()
 	defer close(s.done)
 	defer s.b.removeStream(s)
-	defer s.stopAfter()
 	err := s.loop()
 	if s.ctx.Err() != nil {
 		err = errors.New("k8s: watch closed")

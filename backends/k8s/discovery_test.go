@@ -219,6 +219,9 @@ func TestDiscovery(t *testing.T) {
 	t.Run("ExpiredLeaseHidesSlicesAndIsCollected", func(t *testing.T) { testExpiredLease(t, env) })
 	t.Run("OneLeasePerRegistryDeletedWithTheLastRegistration", func(t *testing.T) { testOneLease(t, env) })
 	t.Run("RBACRefusalNamesVerbAndResource", func(t *testing.T) { testRBAC(t, env) })
+	t.Run("WatchOutlivesOpeningCtx", func(t *testing.T) { testWatchOutlivesOpeningCtx(t, env) })
+	t.Run("DuplicateIDIsAConflict", func(t *testing.T) { testDuplicateIDIsAConflict(t, env) })
+	t.Run("RacingDuplicatesLeaveOne", func(t *testing.T) { testRacingDuplicatesLeaveOne(t, env) })
 }
 
 func testPlainService(t *testing.T, env *kubeEnv) {

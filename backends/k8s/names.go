@@ -33,6 +33,11 @@ const (
 	// slice written by this package, the registered instance's service name
 	// (as given to Register, port part included), its ID, and its metadata
 	// as a JSON object of strings.
+	// LabelInstance is, on a slice written by this package, a hash of the
+	// registered instance's service name and ID (instanceLabel), so that
+	// the slices of one (service, ID), whoever wrote them, are found with a
+	// label selector.
+	LabelInstance      = "rollcall.dev/instance"
 	AnnotationService  = "rollcall.dev/service"
 	AnnotationID       = "rollcall.dev/id"
 	AnnotationMetadata = "rollcall.dev/metadata"
@@ -130,4 +135,10 @@ func dnsLabelish(s string, max int) string {
 func sliceName(lease, service, id string) string {
 	h := sha256.Sum256([]byte(lease + "\x00" + service + "\x00" + id))
 	return "rollcall-" + dnsLabelish(service, 40) + "-" + hex.EncodeToString(h[:8])
+}
+
+// instanceLabel is the value of LabelInstance for a service name and ID.
+func instanceLabel(service, id string) string {
+	h := sha256.Sum256([]byte(service + "\x00" + id))
+	return hex.EncodeToString(h[:16])
 }

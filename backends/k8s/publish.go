@@ -23,6 +23,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/rollcall-go/rollcall/registry"
 	"github.com/rollcall-go/rollcall/registry/driver"
 )
 
@@ -336,6 +337,7 @@ func (b *backend) buildSlice(t target, inst driver.Instance, ss *session) (*disc
 				LabelServiceName: t.service,
 				LabelManagedBy:   ManagedBy,
 				LabelLease:       ss.name,
+				LabelInstance:    instanceLabel(inst.Service, inst.ID),
 			},
 			Annotations: map[string]string{
 				AnnotationService:  inst.Service,
@@ -355,9 +357,24 @@ func (b *backend) buildSlice(t target, inst driver.Instance, ss *session) (*disc
 	}, nil
 }
 
+// Publish writes the instance's slice, tied to the backend's Lease. An ID
+// held by another live Lease at another address is refused with
+// registry.ErrConflict, before anything is written (so a refused
+// registrar holds no Lease) and again after the write, for two
+// registrations racing: of two slices of one ID at different addresses,
+// the older one (creation time, then name) stands and the other is
+// deleted. The same address under another Lease is the same endpoint (a
+// restarted process): both slices stand, and discovery shows one instance.
 func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Publication, error) {
 	t, err := parseTarget(inst.Service)
 	if err != nil {
+		return nil, err
+	}
+	probe, err := b.buildSlice(t, inst, &session{}) // validates; the endpoint as it will be written
+	if err != nil {
+		return nil, err
+	}
+	if err := b.conflict(ctx, probe, b.leaseName(), nil); err != nil {
 		return nil, err
 	}
 	ss, err := b.session(ctx)
@@ -391,11 +408,101 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		b.forget(p)
 		return nil, err
 	}
+	if err := b.conflict(ctx, written, ss.name, written); errors.Is(err, registry.ErrConflict) {
+		// Another registrar wrote this ID at another address first.
+		b.forget(p)
+		p.Lose(err)
+		if derr := b.deleteSlice(ctx, written.Name, written.UID); derr != nil {
+			b.log.Warn("k8s: deleting the slice of a refused duplicate registration failed", "slice", written.Name, "err", derr)
+		}
+		_ = b.releaseIfUnused(ctx, ss)
+		return nil, err
+	}
 	p.set(written)
 	if ss.IsLost() { // lost while we were publishing
 		p.Lose(ss.Err())
 	}
 	return p, nil
+}
+
+// leaseName is the name of the backend's live Lease, "" if it has none.
+func (b *backend) leaseName() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.sess == nil || b.sess.IsLost() {
+		return ""
+	}
+	return b.sess.name
+}
+
+// conflict returns an error wrapping registry.ErrConflict when a slice of
+// es's instance (same service name and ID) at another address is tied to a
+// live Lease other than own; with mine set (our slice as written), only a
+// slice older than mine counts.
+func (b *backend) conflict(ctx context.Context, es *discoveryv1.EndpointSlice, own string, mine *discoveryv1.EndpointSlice) error {
+	service, id := es.Annotations[AnnotationService], es.Annotations[AnnotationID]
+	list, err := b.cs.DiscoveryV1().EndpointSlices(b.ns).List(ctx, listOptions(LabelInstance+"="+es.Labels[LabelInstance], nil))
+	if err != nil {
+		return b.wrap(ctx, "list", resSlices, err)
+	}
+	for i := range list.Items {
+		o := &list.Items[i]
+		lease := o.Labels[LabelLease]
+		if lease == "" || lease == own || o.Annotations[AnnotationService] != service || o.Annotations[AnnotationID] != id ||
+			sameEndpoint(o, es) || (mine != nil && !olderSlice(o, mine)) {
+			continue
+		}
+		var owner types.UID
+		for _, ref := range o.OwnerReferences {
+			if ref.Kind == "Lease" && ref.Name == lease {
+				owner = ref.UID
+			}
+		}
+		l, err := b.cs.CoordinationV1().Leases(b.ns).Get(ctx, lease, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return b.wrap(ctx, "get", resLeases, err)
+		}
+		if (owner != "" && owner != l.UID) || time.Now().After(b.deadline(leaseRecOf(l))) {
+			continue // that registration is dead
+		}
+		holder := ""
+		if l.Spec.HolderIdentity != nil {
+			holder = *l.Spec.HolderIdentity
+		}
+		return fmt.Errorf("%w: k8s: %s/%s is registered at %s by another live registrar (lease %s, holder %q)",
+			registry.ErrConflict, service, id, endpointAddr(o), lease, holder)
+	}
+	return nil
+}
+
+// sameEndpoint reports whether two slices of this package hold the same
+// address and port.
+func sameEndpoint(a, b *discoveryv1.EndpointSlice) bool {
+	return endpointAddr(a) == endpointAddr(b)
+}
+
+// endpointAddr is the host:port of a slice written by this package.
+func endpointAddr(es *discoveryv1.EndpointSlice) string {
+	host, port := "", ""
+	if len(es.Endpoints) > 0 && len(es.Endpoints[0].Addresses) > 0 {
+		host = es.Endpoints[0].Addresses[0]
+	}
+	if len(es.Ports) > 0 && es.Ports[0].Port != nil {
+		port = strconv.Itoa(int(*es.Ports[0].Port))
+	}
+	return net.JoinHostPort(host, port)
+}
+
+// olderSlice orders slices by creation, then name: of two registrations of
+// one ID racing, the older slice stands.
+func olderSlice(a, b *discoveryv1.EndpointSlice) bool {
+	if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
+		return a.CreationTimestamp.Before(&b.CreationTimestamp)
+	}
+	return a.Name < b.Name
 }
 
 // writeSlice creates es, or overwrites the slice of that name if it exists
