@@ -38,7 +38,7 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 	if err != nil {
 		return nil, err
 	}
-	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(b.ctx)) // ctx bounds only the list above
 	s := &stream{b: b, service: service, dir: b.dir(service), ctx: wctx, cancel: cancel, rev: rev,
 		first: &driver.Event{Reset: true, Instances: list}}
 	s.wch = b.cli.Watch(wctx, s.dir, clientv3.WithPrefix(), clientv3.WithRev(rev+1))

@@ -164,7 +164,9 @@ func (c *cli) register(ctx context.Context, args []string) error {
 		return err
 	}
 	rawURL, service, addr := pos[0], pos[1], pos[2]
-	if *ttl != 0 {
+	ttlSet := false
+	fs.Visit(func(f *flag.Flag) { ttlSet = ttlSet || f.Name == "ttl" })
+	if ttlSet {
 		if rawURL, err = withTTL(rawURL, *ttl); err != nil {
 			return err
 		}
@@ -235,8 +237,8 @@ func withTTL(rawURL string, ttl time.Duration) (string, error) {
 	if q.Has("ttl") {
 		return "", usagef("register: --ttl and the URL's ttl parameter both given")
 	}
-	if ttl < 0 {
-		return "", usagef("register: --ttl must be positive")
+	if ttl <= 0 {
+		return "", usagef("register: --ttl must be positive (leave it out for the default)")
 	}
 	q.Set("ttl", ttl.String())
 	u.RawQuery = q.Encode()

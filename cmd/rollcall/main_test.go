@@ -119,6 +119,8 @@ func TestUsageErrorsAndHelp(t *testing.T) {
 		{[]string{"register", "mem://x", "svc", "no-port"}, exitUsage, "not host:port"},
 		{[]string{"register", "mem://x", "svc", "127.0.0.1:80", "--meta", "novalue"}, exitUsage, `"novalue" is not k=v`},
 		{[]string{"register", "mem://x?ttl=5s", "svc", "127.0.0.1:80", "--ttl", "3s"}, exitUsage, "--ttl and the URL's ttl parameter both given"},
+		{[]string{"register", "mem://x", "svc", "127.0.0.1:80", "--ttl", "0s"}, exitUsage, "--ttl must be positive"},
+		{[]string{"register", "mem://x", "svc", "0.0.0.0:80"}, exitUsage, "wildcard"},
 		{[]string{"demo", "now"}, exitUsage, "want , got 1 argument(s)"},
 	} {
 		code, out, errout := exec(t, tc.args...)
