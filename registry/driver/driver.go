@@ -36,7 +36,16 @@ type Backend interface {
 	// (lease, TTL check, connection, Lease object), and keeps it alive until
 	// the publication is withdrawn or lost. It returns once the instance is
 	// visible to List and Watch. Publishing an instance whose service and ID
-	// are already published by this backend replaces it.
+	// are already published by this backend replaces it. An entry of the
+	// same service and ID held by another live registrar (another process,
+	// lease or session) under a different address is not overwritten:
+	// Publish fails with an error wrapping registry.ErrConflict. Under the
+	// same address it is the same endpoint (a restarted process), and
+	// Publish takes it over.
+	//
+	// Errors: registry.ErrUnavailable wrapping the cause when the server
+	// cannot be reached, registry.ErrPermission for authentication and
+	// authorization failures; context errors pass through.
 	Publish(ctx context.Context, inst Instance) (Publication, error)
 
 	// List returns the instances of service that are currently alive. An
