@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
+	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client/naming_cache"
 	"github.com/nacos-group/nacos-sdk-go/v2/vo"
 
 	"github.com/rollcall-go/rollcall/registry"
@@ -53,6 +56,12 @@ type backend struct {
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	sends  sync.WaitGroup // SDK calls of sync and subscribe still running; Close waits for them
+
+	// cache is the SDK's service cache, when the client is the SDK's own
+	// (see subscription.apply); nil otherwise. Set before the client is
+	// handed out.
+	cache atomic.Pointer[naming_cache.ServiceInfoHolder]
 
 	mu           sync.Mutex // never held while calling the SDK
 	cli          naming_client.INamingClient
@@ -107,6 +116,9 @@ func (b *backend) client(ctx context.Context) (naming_client.INamingClient, erro
 		if start {
 			b.started = true
 			b.wg.Add(2) // under mu, so never after Close's Wait began
+			if h, ok := serviceCache(cli); ok {
+				b.cache.Store(h)
+			}
 		}
 		b.mu.Unlock()
 		if start {
@@ -210,7 +222,7 @@ func (b *backend) setHealth(up bool, err error) {
 func (b *backend) probe(cli naming_client.INamingClient) error {
 	_, err := cli.GetAllServicesInfo(vo.GetAllServiceInfoParam{GroupName: b.group, PageNo: 1, PageSize: 1})
 	if err != nil {
-		return fmt.Errorf("%w: nacos: %w", registry.ErrUnavailable, err)
+		return fmt.Errorf("%w: nacos: %w", sdkErrKind(err), err)
 	}
 	return nil
 }
@@ -351,7 +363,7 @@ func (b *backend) maintain(cli naming_client.INamingClient) {
 			if b.ctx.Err() != nil {
 				return
 			}
-			if err := b.sync(cli, st, false); err != nil {
+			if err := b.sync(b.ctx, cli, st, false); err != nil {
 				b.log.Warn("nacos: resending registrations failed", "service", st.name, "err", err)
 			}
 			b.maybeDrop(st)
@@ -382,6 +394,7 @@ func (b *backend) Close() error {
 	b.mu.Unlock()
 	b.cancel()
 	b.wg.Wait()
+	b.sends.Wait()
 	if cli == nil {
 		return nil
 	}
@@ -397,7 +410,7 @@ func (b *backend) Close() error {
 		b.mu.Unlock()
 		if left {
 			wg.Add(1)
-			go func() { defer wg.Done(); _ = b.sync(cli, st, true) }()
+			go func() { defer wg.Done(); _ = b.sync(context.Background(), cli, st, true) }()
 		}
 	}
 	for _, s := range subs {
@@ -405,5 +418,23 @@ func (b *backend) Close() error {
 		go func() { defer wg.Done(); s.unsubscribe(cli) }()
 	}
 	wg.Wait()
+	b.sends.Wait()
 	return nil
+}
+
+// sdkErrKind is the sentinel an SDK error wraps: registry.ErrPermission for
+// the Nacos server's authentication and authorization refusals (its
+// AccessException messages and the 403 code the SDK puts in its errors),
+// registry.ErrUnavailable for everything else (the SDK reports no other
+// kind of failure apart: timeouts, refused connections, "client not
+// connected").
+func sdkErrKind(err error) error {
+	msg := strings.ToLower(err.Error())
+	for _, s := range []string{"user not found", "unknown user", "authorization failed", "access denied", "no permission",
+		"invalid username or password", "login failed", "403"} {
+		if strings.Contains(msg, s) {
+			return registry.ErrPermission
+		}
+	}
+	return registry.ErrUnavailable
 }

@@ -96,6 +96,7 @@ func buildNoRaceBinary() {
 	}
 	b.path = filepath.Join(b.dir, "nacos.test")
 	cmd := exec.Command(goTool, "test", "-c", "-race=false", "-o", b.path, ".")
+	cmd.Env = append(os.Environ(), origEnv...) // the caches of the go command, not the test's HOME
 	if _, file, _, ok := runtime.Caller(0); ok {
 		if st, err := os.Stat(filepath.Dir(file)); err == nil && st.IsDir() {
 			cmd.Dir = filepath.Dir(file)

@@ -7,6 +7,7 @@ import (
 	"unsafe"
 
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
+	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client/naming_cache"
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client/naming_grpc"
 	"github.com/nacos-group/nacos-sdk-go/v2/common/remote/rpc"
 )
@@ -52,6 +53,22 @@ func rpcClient(cli naming_client.INamingClient) (*rpc.RpcClient, bool) {
 		return nil, false
 	}
 	return client.GetRpcClient(), true
+}
+
+// serviceCache returns the SDK's cache of subscribed services under cli
+// (NamingClient.serviceInfoHolder), whose entries carry the lastRefTime that
+// the SDK itself orders news by.
+func serviceCache(cli naming_client.INamingClient) (*naming_cache.ServiceInfoHolder, bool) {
+	nc, ok := sdkClient(cli).(*naming_client.NamingClient)
+	if !ok || nc == nil {
+		return nil, false
+	}
+	f, ok := unexported(reflect.ValueOf(nc).Elem(), "serviceInfoHolder")
+	if !ok {
+		return nil, false
+	}
+	h, ok := f.Interface().(*naming_cache.ServiceInfoHolder)
+	return h, ok && h != nil
 }
 
 // hookConnection registers l with the gRPC client under cli.

@@ -22,9 +22,9 @@ import (
 // publication per service and connection, so the service's instances are
 // always sent together.
 type svcState struct {
-	name   string
-	sub    *subscription // shows what the server has; held while the state lives
-	sendMu sync.Mutex    // serialises the SDK register calls of this service
+	name    string
+	sub     *subscription // shows what the server has; held while the state lives
+	sendSem chan struct{} // holds one token while an SDK register call of this service runs
 
 	// Guarded by backend.mu.
 	users     int                        // operations in progress
@@ -42,7 +42,7 @@ func (b *backend) useState(service string) *svcState {
 	defer b.mu.Unlock()
 	st := b.svcs[service]
 	if st == nil {
-		st = &svcState{name: service, sub: b.acquireSubLocked(service), desired: map[string]driver.Instance{},
+		st = &svcState{name: service, sub: b.acquireSubLocked(service), sendSem: make(chan struct{}, 1), desired: map[string]driver.Instance{},
 			pubs: map[string]*publication{}, sent: map[string]driver.Instance{}, sentValid: true}
 		b.svcs[service] = st
 	}
@@ -81,28 +81,53 @@ func sameSet(a, b map[string]driver.Instance) bool {
 
 // sync sends st's desired instances unless the connection already holds
 // them (or always, with force). Concurrent callers are merged: whoever holds
-// sendMu sends everything desired at that time.
-func (b *backend) sync(cli naming_client.INamingClient, st *svcState, force bool) error {
-	st.sendMu.Lock()
-	defer st.sendMu.Unlock()
+// sendSem sends everything desired at that time.
+//
+// It returns when ctx is done, whatever the SDK is doing: the SDK's calls
+// take no context (they are bounded by its own request timeout), so the
+// call runs on a goroutine of its own, which records its outcome and
+// releases sendSem when the SDK returns.
+func (b *backend) sync(ctx context.Context, cli naming_client.INamingClient, st *svcState, force bool) error {
+	select {
+	case st.sendSem <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	b.mu.Lock()
 	want := maps.Clone(st.desired)
 	same := st.sentValid && sameSet(want, st.sent)
 	prev := maps.Clone(st.sent)
 	b.mu.Unlock()
 	if same && !force {
+		<-st.sendSem
 		return nil
 	}
-	err := b.send(cli, st.name, want, prev)
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if err != nil {
-		st.sentValid, st.dirty, st.retryAt = false, true, time.Now().Add(time.Second)
+	if err := ctx.Err(); err != nil {
+		<-st.sendSem
 		return err
 	}
-	st.sent, st.sentValid = want, true
-	st.dirty = !sameSet(st.desired, want)
-	return nil
+	done := make(chan error, 1)
+	b.sends.Add(1)
+	go func() {
+		defer b.sends.Done()
+		err := b.send(cli, st.name, want, prev)
+		b.mu.Lock()
+		if err != nil {
+			st.sentValid, st.dirty, st.retryAt = false, true, time.Now().Add(time.Second)
+		} else {
+			st.sent, st.sentValid = want, true
+			st.dirty = !sameSet(st.desired, want)
+		}
+		b.mu.Unlock()
+		<-st.sendSem
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // send registers exactly want in service for this connection: a deregister
@@ -141,7 +166,7 @@ func (b *backend) send(cli naming_client.INamingClient, service string, want, pr
 		ok, err = cli.BatchRegisterInstance(p)
 	}
 	if err != nil {
-		return fmt.Errorf("%w: nacos: %s in %s: %w", registry.ErrUnavailable, op, service, err)
+		return fmt.Errorf("%w: nacos: %s in %s: %w", sdkErrKind(err), op, service, err)
 	}
 	if !ok {
 		return fmt.Errorf("nacos: %s in %s: the server refused it", op, service)
@@ -223,6 +248,9 @@ type publication struct {
 	st   *svcState
 	id   string
 	inst driver.Instance // guarded by backend.mu
+	// withdrawing: Withdraw took it out of what is registered and has not
+	// yet seen it gone. Guarded by backend.mu.
+	withdrawing bool
 
 	mu      sync.Mutex
 	visible bool // the server showed it; from then on its absence loses it
@@ -272,7 +300,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 			return b.published(p, old), nil
 		}
 	}
-	err = b.sync(cli, st, already)
+	err = b.sync(ctx, cli, st, already)
 	if err == nil {
 		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst))
 	}
@@ -293,7 +321,7 @@ func (b *backend) settle(ctx context.Context, cli naming_client.INamingClient, s
 		return err
 	}
 	b.log.Debug("nacos: the server does not show what was sent; sending it again", "service", st.name, "waiting for", what)
-	if err := b.sync(cli, st, true); err != nil {
+	if err := b.sync(ctx, cli, st, true); err != nil {
 		return err
 	}
 	return st.sub.waitFor(ctx, 0, what, cond)
@@ -359,7 +387,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	prev := st.desired[p.id]
 	st.desired[p.id], p.inst = inst, inst
 	b.mu.Unlock()
-	err = b.sync(cli, st, false)
+	err = b.sync(ctx, cli, st, false)
 	if err == nil {
 		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst))
 	}
@@ -375,7 +403,10 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 }
 
 // Withdraw removes the instance at once, also when the publication was lost
-// (the SDK's redo may have registered it again).
+// (the SDK's redo may have registered it again). It may be called again
+// after it failed: it then sends again what is left to send and returns nil
+// once the server's list no longer shows the instance (or another
+// publication of the same ID holds it).
 func (p *publication) Withdraw(ctx context.Context) error {
 	b, st := p.b, p.st
 	b.mu.Lock()
@@ -383,22 +414,30 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	if mine {
 		delete(st.pubs, p.id)
 		delete(st.desired, p.id)
+		p.withdrawing = true
 	}
+	pending := p.withdrawing && st.pubs[p.id] == nil
 	st.users++
 	b.mu.Unlock()
 	defer b.doneState(st)
 	p.Lose(errWithdrawn)
-	if !mine {
-		return nil
+	if !pending {
+		return nil // replaced by a newer publication of the ID, or already gone
 	}
 	cli, err := b.client(ctx)
 	if err != nil {
 		return err
 	}
-	if err := b.sync(cli, st, false); err != nil {
+	if err := b.sync(ctx, cli, st, false); err != nil {
 		return err
 	}
-	return b.settle(ctx, cli, st, "the removal of "+p.id, gone(p.id))
+	if err := b.settle(ctx, cli, st, "the removal of "+p.id, gone(p.id)); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	p.withdrawing = false
+	b.mu.Unlock()
+	return nil
 }
 
 // checkAbsence loses the visible publications of service that a new list

@@ -34,8 +34,10 @@ type subscription struct {
 
 	mu         sync.Mutex
 	subscribed bool
+	opening    *attempt // the SDK subscribe in progress, if any
 	dead       bool
 	ready      bool                       // snap holds a list from the server
+	ref        uint64                     // the SDK's lastRefTime of snap, 0 if unknown
 	snap       map[string]driver.Instance // never modified: replaced
 	delta      driver.Event               // from the list of version ver-1 to snap
 	ver        uint64
@@ -84,12 +86,60 @@ func (b *backend) nameLock(service string) *sync.Mutex {
 	return l
 }
 
+// attempt is one SDK subscribe in progress; its waiters share its outcome.
+type attempt struct {
+	done chan struct{}
+	err  error // set before done is closed
+}
+
 // subscribe makes the SDK subscription if it is not made yet, and returns
-// once the subscription holds a list.
+// once the subscription holds a list, or when ctx is done: the SDK call
+// (which takes no context and waits up to its request timeout) runs on a
+// goroutine of its own and completes the subscription for the next caller.
 func (s *subscription) subscribe(ctx context.Context, cli naming_client.INamingClient) error {
+	s.mu.Lock()
+	switch {
+	case s.dead:
+		s.mu.Unlock()
+		return errClosed
+	case s.subscribed:
+		s.mu.Unlock()
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	a := s.opening
+	if a == nil {
+		a = &attempt{done: make(chan struct{})}
+		s.opening = a
+		s.b.sends.Add(1)
+		go s.open(cli, a)
+	}
+	s.mu.Unlock()
+	select {
+	case <-a.done:
+		return a.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// open runs one SDK subscribe for subscribe.
+func (s *subscription) open(cli naming_client.INamingClient, a *attempt) {
+	defer s.b.sends.Done()
 	l := s.b.nameLock(s.name)
 	l.Lock()
-	defer l.Unlock()
+	a.err = s.openLocked(cli)
+	l.Unlock()
+	s.mu.Lock()
+	s.opening = nil
+	s.mu.Unlock()
+	close(a.done)
+}
+
+func (s *subscription) openLocked(cli naming_client.INamingClient) error {
 	s.mu.Lock()
 	done, dead := s.subscribed, s.dead
 	s.mu.Unlock()
@@ -99,12 +149,9 @@ func (s *subscription) subscribe(ctx context.Context, cli naming_client.INamingC
 	if done {
 		return nil
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
 	// The SDK calls s.onPush from inside Subscribe when the answer is new.
 	if err := cli.Subscribe(s.param); err != nil {
-		return fmt.Errorf("%w: nacos: subscribe to %s: %w", registry.ErrUnavailable, s.name, err)
+		return fmt.Errorf("%w: nacos: subscribe to %s: %w", sdkErrKind(err), s.name, err)
 	}
 	s.mu.Lock()
 	s.subscribed = true
@@ -117,14 +164,9 @@ func (s *subscription) subscribe(ctx context.Context, cli naming_client.INamingC
 	// the caller's that subscribed itself) or dropped an empty answer.
 	hosts, err := cli.SelectAllInstances(vo.SelectAllInstancesParam{ServiceName: s.name, GroupName: s.b.group})
 	if err != nil {
-		return fmt.Errorf("%w: nacos: reading %s: %w", registry.ErrUnavailable, s.name, err)
+		return fmt.Errorf("%w: nacos: reading %s: %w", sdkErrKind(err), s.name, err)
 	}
-	snap, delta := s.b.convert(s.name, hosts, nil)
-	s.mu.Lock()
-	if !s.ready {
-		s.setLocked(snap, delta)
-	}
-	s.mu.Unlock()
+	s.apply(hosts, true)
 	return nil
 }
 
@@ -152,24 +194,54 @@ func (s *subscription) onPush(hosts []model.Instance, err error) {
 		s.b.log.Warn("nacos: subscription error; keeping the last list", "service", s.name, "err", err)
 		return
 	}
-	// Pushes come from one SDK goroutine at a time per connection, but a
-	// Subscribe call and the redo may overlap with them: convert against the
-	// list current at the time, and store only if no other list came in.
+	s.apply(hosts, false)
+}
+
+// apply makes the service's newest list the subscription's list.
+//
+// The SDK's callbacks are news, not the order of news: after a reconnect
+// the answer to its re-subscribe (its redo, on the connection-event
+// goroutine) and the server's pushes (on the stream goroutine) are applied
+// concurrently, each storing the list in the SDK's cache and then, after a
+// disk write, calling back, so an older list can arrive last. So when the
+// SDK's cache is reachable (a client made by the SDK), the list taken is the
+// cache's, with its lastRefTime, and a list not newer than the one held is
+// dropped, by the rule the SDK itself applies to what the server sends.
+// With another client type, hosts is taken as it comes. The initial read
+// (initial) is kept only if no callback has delivered a list meanwhile.
+func (s *subscription) apply(hosts []model.Instance, initial bool) {
+	var ref uint64
+	if h := s.b.cache.Load(); h != nil {
+		svc, ok := h.GetServiceInfo(s.name, s.b.group, "")
+		if !ok {
+			return // unsubscribed meanwhile; nothing to keep
+		}
+		hosts, ref = svc.Hosts, svc.LastRefTime
+	}
 	s.mu.Lock()
+	if s.dead || (initial && s.ready) || (ref != 0 && s.ready && ref <= s.ref) {
+		s.mu.Unlock()
+		return
+	}
 	prev, ver := s.snap, s.ver
 	s.mu.Unlock()
+	// Convert against the list current at the time, and diff again if
+	// another list came in meanwhile.
 	snap, delta := s.b.convert(s.name, hosts, prev)
 	s.mu.Lock()
-	if s.dead {
+	if s.dead || (initial && s.ready) || (ref != 0 && s.ready && ref <= s.ref) {
 		s.mu.Unlock()
 		return
 	}
 	if s.ver != ver {
 		delta = diff(s.snap, snap)
 	}
+	s.ref = ref
 	s.setLocked(snap, delta)
 	s.mu.Unlock()
-	s.b.checkAbsence(s.name, snap)
+	if !initial {
+		s.b.checkAbsence(s.name, snap)
+	}
 }
 
 func (s *subscription) setLocked(snap map[string]driver.Instance, delta driver.Event) {
