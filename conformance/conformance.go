@@ -55,6 +55,19 @@ func RunConformanceTests(t *testing.T, newHarness HarnessMaker) {
 		{"UpdateChangesMetadata", testUpdate},
 		{"CloseAndDeregisterAreIdempotent", testIdempotent},
 		{"NoGoroutineLeaks", testNoLeaks},
+		// Fault paths: every backend keeps the guarantees through them.
+		{"WatchSurvivesOutageLongerThanTTL", testOutageLongerThanTTL},
+		{"IdleWatcherStaysFresh", testIdleWatcherStaysFresh},
+		{"WatchStartedWhileServerDownIsStale", testWatchStartedWhileDown},
+		{"CallsFailFastWhileServerDown", testCallsFailFast},
+		{"DeregisterDuringOutageCompletesWhenServerReturns", testDeregisterDuringOutage},
+		{"CloseIsBoundedWhileServerPaused", testCloseBoundedWhilePaused},
+		{"DuplicateIDIsRefusedOrStable", testDuplicateID},
+		{"BurstOfAddsUpdatesAndRemovesLosesNothing", testBurstMixed},
+		{"FreezeNeverShrinks", testFreezeNeverShrinks},
+		{"RegistriesWithDifferentPrefixesAreIsolated", testNamespaceIsolation},
+		{"PermissionDeniedIsReported", testPermissionDenied},
+		{"NoGoroutineLeaksAfterFaults", testNoLeaksAfterFaults},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -320,7 +333,7 @@ func testAuthoritativeEmpty(t *testing.T, h Harness) {
 	svc := service("empty")
 	f := follow(t, r, svc)
 	waitFor(t, settle, "first snapshot", func() bool { rec, ok := f.last(); return ok && rec.synced })
-	if rec, _ := f.last(); rec.stale || rec.size != 0 {
+	if rec, _ := f.last(); rec.stale || rec.size() != 0 {
 		t.Fatalf("first update of an unknown service: %+v, want synced, not stale, empty", rec)
 	}
 	reg := register(t, r, inst(svc, "a", 9001))
@@ -336,6 +349,8 @@ func testAuthoritativeEmpty(t *testing.T, h Harness) {
 
 // testFreeze: while the server is down the watcher keeps its list, says
 // stale, and resyncs when the server is back; registrations come back.
+// Every update is checked: none during the outage shrinks the list, no
+// stale one after it does.
 func testFreeze(t *testing.T, h Harness, stop bool) {
 	svc := service("freeze")
 	r := open(t, h)
@@ -346,41 +361,28 @@ func testFreeze(t *testing.T, h Harness, stop bool) {
 	}
 	f.waitIDs(settle, "a", "b")
 	mark := f.mark()
-	ctx := ctxT(t)
-	if stop {
-		skipIfUnsupported(t, h.StopServer(ctx))
-	} else {
-		skipIfUnsupported(t, h.PauseServer(ctx))
-	}
+	o := down(t, h, stop)
 	f.waitStale(recover, true)
 	if _, err := r.Lookup(shortCtx(t), svc); err == nil {
 		t.Errorf("Lookup succeeded while the server was down")
 	}
-	// Stay down past several TTLs: the client must still not shrink.
-	time.Sleep(2 * TTL) // the outage being simulated lasts this long
-	if rec, _ := f.last(); !rec.stale || rec.size != 2 {
-		t.Fatalf("during the outage the watcher shows %+v, want stale with 2 instances", rec)
-	}
-	if stop {
-		skipIfUnsupported(t, h.StartServer(ctx, false))
-	} else {
-		skipIfUnsupported(t, h.ResumeServer(ctx))
-	}
+	// Stay down past the TTL: every update meanwhile keeps both instances.
+	f.hold(2*TTL, mark, "while the server was "+o.what(), func(rec record) error {
+		if len(rec.removed) > 0 || !slices.Equal(rec.ids, []string{"a", "b"}) {
+			return errors.New("the list changed during the outage, want a and b kept")
+		}
+		return nil
+	})
+	o.end()
 	f.waitStale(recover, false)
 	f.waitIDs(recover, "a", "b")
-	for _, rec := range f.since(mark) {
-		if rec.stale && (len(rec.removed) > 0 || rec.size < 2) {
-			t.Fatalf("stale update shrank the list: %+v", rec)
+	f.every(mark, "after the outage", func(rec record) error {
+		if rec.stale && (len(rec.removed) > 0 || rec.size() < 2) {
+			return errors.New("a stale update shrank the list")
 		}
-	}
-	waitFor(t, recover, "registrations to be registered again", func() bool {
-		for _, reg := range regs {
-			if reg.Status().State != registry.Registered {
-				return false
-			}
-		}
-		return slices.Equal(lookupIDsQuiet(r, svc), []string{"a", "b"})
+		return nil
 	})
+	registeredAgain(t, r, svc, regs, "a", "b")
 }
 
 func shortCtx(t *testing.T) context.Context {
@@ -610,11 +612,33 @@ func testIdempotent(t *testing.T, h Harness) {
 	if err := kept.Deregister(ctxT(t)); err != nil {
 		t.Fatalf("Deregister after Close: %v", err)
 	}
-	if _, err := w.Next(ctxT(t)); err != nil && !errors.Is(err, registry.ErrClosed) {
-		t.Fatalf("Watcher.Next after Close: %v", err)
+	// A closed watcher delivers nothing: Next says ErrClosed at once, every
+	// time (not an update, not the end of the caller's context).
+	for i := range 2 {
+		ctx, cancel := context.WithTimeout(context.Background(), settle)
+		u, err := w.Next(ctx)
+		cancel()
+		if !errors.Is(err, registry.ErrClosed) {
+			t.Fatalf("Watcher.Next #%d after the Registry's Close: %+v, %v; want ErrClosed", i+1, u, err)
+		}
 	}
-	w.Close()
-	w.Close()
+	select {
+	case <-w.Done():
+	default:
+		t.Fatalf("Watcher.Done not closed after the Registry's Close")
+	}
+	if err := w.Close(); err != nil {
+		t.Errorf("Watcher.Close after the Registry's Close: %v", err)
+	}
+	if err := w.Close(); err != nil {
+		t.Errorf("second Watcher.Close: %v", err)
+	}
+	if s := kept.Status(); s.State != registry.Deregistered {
+		t.Errorf("status of a registration the Registry's Close withdrew: %v (%v), want %v", s.State, s.Err, registry.Deregistered)
+	}
+	if err := kept.Update(ctxT(t), inst(svc, "b", 9012)); !errors.Is(err, registry.ErrClosed) {
+		t.Errorf("Update after Close: %v, want ErrClosed", err)
+	}
 	if _, err := r.Register(ctxT(t), inst(svc, "c", 9003)); !errors.Is(err, registry.ErrClosed) {
 		t.Errorf("Register after Close: %v, want ErrClosed", err)
 	}

@@ -3,6 +3,7 @@ package memory_test
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,16 +22,31 @@ type harness struct {
 	srv  *memory.Server
 }
 
-var seq int
+var seq atomic.Int64
+
+var (
+	_ conformance.NamespaceMaker  = (*harness)(nil)
+	_ conformance.RestrictedMaker = (*harness)(nil)
+)
 
 func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
-	seq++
-	name := fmt.Sprintf("conformance-%d", seq)
+	name := fmt.Sprintf("conformance-%d", seq.Add(1))
 	return &harness{name: name, srv: memory.NamedServer(name)}, nil
 }
 
 func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
 	return memory.New(h.srv, &memory.Options{TTL: ttl}), nil
+}
+
+// MakeRegistryIn makes a client in a namespace of the same server.
+func (h *harness) MakeRegistryIn(ctx context.Context, ttl time.Duration, namespace string) (registry.Registry, error) {
+	return memory.New(h.srv, &memory.Options{TTL: ttl, Namespace: namespace}), nil
+}
+
+// MakeRestrictedRegistry makes a client as a user the server restricts.
+func (h *harness) MakeRestrictedRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
+	h.srv.Restrict("no-rights")
+	return memory.New(h.srv, &memory.Options{TTL: ttl, User: "no-rights"}), nil
 }
 
 func (h *harness) Crash(r registry.Registry) error {

@@ -45,6 +45,15 @@ type Options struct {
 	// TTL of the lease that registrations are bound to; driver.DefaultTTL
 	// when zero. Keepalives go every TTL/3.
 	TTL time.Duration
+	// Namespace scopes the client: registries in different namespaces of
+	// one Server never see each other's instances (also when one name is a
+	// prefix of the other). Empty is the default namespace, the one
+	// Server.Put and Server.Delete write to.
+	Namespace string
+	// User is who the client authenticates as; the Server refuses the calls
+	// of users it restricts (Server.Restrict). Empty is an unrestricted
+	// client.
+	User string
 	// Registry configures the shared layer (logger, backoff).
 	Registry registry.Options
 }
@@ -65,7 +74,7 @@ func New(srv *Server, opts *Options) *Registry {
 		o.TTL = driver.DefaultTTL
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	b := &backend{s: srv, ttl: o.TTL, ctx: ctx, cancel: cancel, pubs: map[[2]string]*publication{}}
+	b := &backend{s: srv, ttl: o.TTL, ns: o.Namespace, user: o.User, ctx: ctx, cancel: cancel, pubs: map[[2]string]*publication{}}
 	return &Registry{Registry: registry.New(b, &o.Registry), b: b}
 }
 
@@ -80,6 +89,8 @@ func (r *Registry) Crash() {
 type backend struct {
 	s      *Server
 	ttl    time.Duration
+	ns     string // namespace (Options.Namespace)
+	user   string // Options.User
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -89,7 +100,7 @@ type backend struct {
 	mu      sync.Mutex // never held while calling the server
 	crashed bool
 	sess    *session
-	pubs    map[[2]string]*publication
+	pubs    map[[2]string]*publication // by the server's key: scope, ID
 }
 
 var (
@@ -121,7 +132,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		return cur, nil
 	}
 	ss := &session{}
-	id, err := b.s.grant(ctx, b.ttl, func(err error) { b.loseSession(ss, err) }, b.keyGone)
+	id, err := b.s.grant(ctx, b.user, b.ttl, func(err error) { b.loseSession(ss, err) }, b.keyGone)
 	if err != nil {
 		return nil, err
 	}
@@ -166,7 +177,7 @@ func (b *backend) keepAlive(ss *session) {
 		case <-t.C:
 		}
 		kctx, cancel := context.WithTimeout(ctx, b.ttl/3)
-		err := b.s.keepAlive(kctx, ss.id)
+		err := b.s.keepAlive(kctx, b.user, ss.id)
 		cancel()
 		if errors.Is(err, ErrLeaseNotFound) {
 			b.loseSession(ss, err)
@@ -191,7 +202,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err != nil {
 		return nil, err
 	}
-	k := [2]string{inst.Service, inst.ID}
+	k := [2]string{scope(b.ns, inst.Service), inst.ID}
 	p := &publication{b: b, key: k, sess: ss}
 	b.mu.Lock()
 	old := b.pubs[k]
@@ -200,7 +211,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if old != nil {
 		old.Lose(errors.New("memory: replaced by a newer registration"))
 	}
-	if err := b.s.put(ctx, ss.id, inst); err != nil {
+	if err := b.s.put(ctx, b.user, ss.id, k[0], inst); err != nil {
 		b.forget(p)
 		if errors.Is(err, ErrLeaseNotFound) {
 			b.loseSession(ss, err)
@@ -225,18 +236,18 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	if b.isCrashed() {
 		return nil, errCrashed
 	}
-	return b.s.list(ctx, service)
+	return b.s.list(ctx, b.user, scope(b.ns, service))
 }
 
 func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, error) {
 	if b.isCrashed() {
 		return nil, errCrashed
 	}
-	return b.s.watch(ctx, service)
+	return b.s.watch(ctx, b.user, scope(b.ns, service))
 }
 
 func (b *backend) Ping(ctx context.Context) error {
-	if err := b.s.enter(ctx); err != nil {
+	if err := b.s.enter(ctx, "", "ping"); err != nil {
 		return err
 	}
 	b.s.mu.Unlock()
@@ -266,7 +277,7 @@ func (b *backend) Close() error {
 	var err error
 	if ss != nil && !crashed {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err = b.s.revoke(ctx, ss.id)
+		err = b.s.revoke(ctx, b.user, ss.id)
 		cancel()
 	}
 	b.cancel()
@@ -285,7 +296,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	if p.b.isCrashed() {
 		return errCrashed
 	}
-	return p.b.s.put(ctx, p.sess.id, inst)
+	return p.b.s.put(ctx, p.b.user, p.sess.id, p.key[0], inst)
 }
 
 func (p *publication) Withdraw(ctx context.Context) error {
@@ -294,5 +305,5 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	if p.b.isCrashed() {
 		return errCrashed
 	}
-	return p.b.s.remove(ctx, p.sess.id, p.key[0], p.key[1])
+	return p.b.s.remove(ctx, p.b.user, p.sess.id, p.key[0], p.key[1])
 }

@@ -23,6 +23,12 @@ var (
 	ErrKeyGone = errors.New("memory: entry deleted by someone else")
 	// ErrDataLost ends watches when the server's data is wiped.
 	ErrDataLost = fmt.Errorf("memory: server data wiped: %w", registry.ErrUnavailable)
+	// ErrConflict refuses a registration of an ID that another client's
+	// live lease holds at another address.
+	ErrConflict = fmt.Errorf("memory: instance ID held by another client: %w", registry.ErrConflict)
+	// ErrPermissionDenied refuses the calls of a restricted user (see
+	// Server.Restrict).
+	ErrPermissionDenied = fmt.Errorf("memory: permission denied: %w", registry.ErrPermission)
 )
 
 var (
@@ -45,17 +51,31 @@ func NamedServer(name string) *Server {
 
 // Server is an in-process registry server: entries bound to leases with a
 // TTL, and watches. Its fault controls (Stop, Pause, Wipe, RevokeLeases,
-// Delete, Put) let tests exercise what happens when a real server fails.
+// Delete, Put) and access control (Restrict) let tests exercise what
+// happens when a real server fails or refuses.
 // It is safe for concurrent use and starts no goroutine of its own; lease
 // expiry runs on timers.
+//
+// Entries live in scopes: a service's name, or "namespace/service" for
+// clients in a namespace (see Options.Namespace). Service names have no
+// '/', so scopes of different namespaces never meet.
 type Server struct {
-	mu      sync.Mutex
-	resumed chan struct{} // closed while not paused
-	down    bool
-	nextID  int64
-	leases  map[int64]*lease
-	entries map[string]map[string]*entry // service → ID → entry
-	subs    map[string]map[*stream]struct{}
+	mu         sync.Mutex
+	resumed    chan struct{} // closed while not paused
+	down       bool
+	nextID     int64
+	leases     map[int64]*lease
+	entries    map[string]map[string]*entry // scope → ID → entry
+	subs       map[string]map[*stream]struct{}
+	restricted map[string]bool // users whose calls are refused
+}
+
+// scope is where the entries of service live for clients in namespace ns.
+func scope(ns, service string) string {
+	if ns == "" {
+		return service
+	}
+	return ns + "/" + service
 }
 
 type entry struct {
@@ -77,12 +97,13 @@ type lease struct {
 func NewServer() *Server {
 	r := make(chan struct{})
 	close(r)
-	return &Server{resumed: r, leases: map[int64]*lease{}, entries: map[string]map[string]*entry{}, subs: map[string]map[*stream]struct{}{}}
+	return &Server{resumed: r, leases: map[int64]*lease{}, entries: map[string]map[string]*entry{}, subs: map[string]map[*stream]struct{}{},
+		restricted: map[string]bool{}}
 }
 
-// enter waits while the server is paused and fails while it is stopped. It
-// returns with s.mu held on success.
-func (s *Server) enter(ctx context.Context) error {
+// enter waits while the server is paused and fails while it is stopped, or
+// when user may not do op. It returns with s.mu held on success.
+func (s *Server) enter(ctx context.Context, user, op string) error {
 	for {
 		s.mu.Lock()
 		if s.down {
@@ -92,6 +113,10 @@ func (s *Server) enter(ctx context.Context) error {
 		r := s.resumed
 		select {
 		case <-r:
+			if s.restricted[user] {
+				s.mu.Unlock()
+				return fmt.Errorf("%w: user %q may not %s", ErrPermissionDenied, user, op)
+			}
 			return nil
 		default:
 		}
@@ -104,8 +129,8 @@ func (s *Server) enter(ctx context.Context) error {
 	}
 }
 
-func (s *Server) grant(ctx context.Context, ttl time.Duration, onLost func(error), onGone func([2]string)) (int64, error) {
-	if err := s.enter(ctx); err != nil {
+func (s *Server) grant(ctx context.Context, user string, ttl time.Duration, onLost func(error), onGone func([2]string)) (int64, error) {
+	if err := s.enter(ctx, user, "grant a lease"); err != nil {
 		return 0, err
 	}
 	defer s.mu.Unlock()
@@ -134,13 +159,13 @@ func (s *Server) expire(l *lease) {
 	select {
 	case <-s.resumed:
 	default:
-		return // paused: time stands still for the server; Resume re-arms
+		return // paused: the server does not run; Resume expires it
 	}
 	s.revokeLocked(l, ErrLeaseNotFound)
 }
 
-func (s *Server) keepAlive(ctx context.Context, id int64) error {
-	if err := s.enter(ctx); err != nil {
+func (s *Server) keepAlive(ctx context.Context, user string, id int64) error {
+	if err := s.enter(ctx, user, "renew a lease"); err != nil {
 		return err
 	}
 	defer s.mu.Unlock()
@@ -152,8 +177,8 @@ func (s *Server) keepAlive(ctx context.Context, id int64) error {
 	return nil
 }
 
-func (s *Server) revoke(ctx context.Context, id int64) error {
-	if err := s.enter(ctx); err != nil {
+func (s *Server) revoke(ctx context.Context, user string, id int64) error {
+	if err := s.enter(ctx, user, "revoke a lease"); err != nil {
 		return err
 	}
 	defer s.mu.Unlock()
@@ -175,8 +200,12 @@ func (s *Server) revokeLocked(l *lease, why error) {
 	}
 }
 
-func (s *Server) put(ctx context.Context, leaseID int64, inst driver.Instance) error {
-	if err := s.enter(ctx); err != nil {
+// put writes inst into scope sc under leaseID. An entry of the same ID held
+// by another live lease at another address is not overwritten (ErrConflict);
+// at the same address it is taken over, as a restarted process takes over
+// its own registration.
+func (s *Server) put(ctx context.Context, user string, leaseID int64, sc string, inst driver.Instance) error {
+	if err := s.enter(ctx, user, "write "+sc); err != nil {
 		return err
 	}
 	defer s.mu.Unlock()
@@ -184,16 +213,19 @@ func (s *Server) put(ctx context.Context, leaseID int64, inst driver.Instance) e
 	if l == nil {
 		return ErrLeaseNotFound
 	}
-	s.putLocked(inst, l)
+	if old := s.entries[sc][inst.ID]; old != nil && old.lease != nil && old.lease != l && old.inst.Addr != inst.Addr {
+		return fmt.Errorf("%w: %s %q is registered at %s by another client's lease", ErrConflict, inst.Service, inst.ID, old.inst.Addr)
+	}
+	s.putLocked(sc, inst, l)
 	return nil
 }
 
-func (s *Server) putLocked(inst driver.Instance, l *lease) {
-	k := [2]string{inst.Service, inst.ID}
-	m := s.entries[inst.Service]
+func (s *Server) putLocked(sc string, inst driver.Instance, l *lease) {
+	k := [2]string{sc, inst.ID}
+	m := s.entries[sc]
 	if m == nil {
 		m = map[string]*entry{}
-		s.entries[inst.Service] = m
+		s.entries[sc] = m
 	}
 	if old := m[inst.ID]; old != nil && old.lease != nil && old.lease != l {
 		delete(old.lease.keys, k)
@@ -206,17 +238,17 @@ func (s *Server) putLocked(inst driver.Instance, l *lease) {
 	if l != nil {
 		l.keys[k] = struct{}{}
 	}
-	s.publishLocked(inst.Service, driver.ChangeEvent(driver.Put(inst)))
+	s.publishLocked(sc, driver.ChangeEvent(driver.Put(inst)))
 }
 
 // remove deletes an entry published under leaseID.
-func (s *Server) remove(ctx context.Context, leaseID int64, service, id string) error {
-	if err := s.enter(ctx); err != nil {
+func (s *Server) remove(ctx context.Context, user string, leaseID int64, sc, id string) error {
+	if err := s.enter(ctx, user, "delete from "+sc); err != nil {
 		return err
 	}
 	defer s.mu.Unlock()
-	if e := s.entries[service][id]; e != nil && e.lease != nil && e.lease.id == leaseID {
-		s.deleteLocked(service, id, false)
+	if e := s.entries[sc][id]; e != nil && e.lease != nil && e.lease.id == leaseID {
+		s.deleteLocked(sc, id, false)
 	}
 	return nil
 }
@@ -240,8 +272,8 @@ func (s *Server) deleteLocked(service, id string, foreign bool) {
 	s.publishLocked(service, driver.ChangeEvent(driver.Delete(id)))
 }
 
-func (s *Server) list(ctx context.Context, service string) ([]driver.Instance, error) {
-	if err := s.enter(ctx); err != nil {
+func (s *Server) list(ctx context.Context, user, service string) ([]driver.Instance, error) {
+	if err := s.enter(ctx, user, "read "+service); err != nil {
 		return nil, err
 	}
 	defer s.mu.Unlock()
@@ -258,8 +290,8 @@ func (s *Server) listLocked(service string) []driver.Instance {
 	return out
 }
 
-func (s *Server) watch(ctx context.Context, service string) (*stream, error) {
-	if err := s.enter(ctx); err != nil {
+func (s *Server) watch(ctx context.Context, user, service string) (*stream, error) {
+	if err := s.enter(ctx, user, "watch "+service); err != nil {
 		return nil, err
 	}
 	defer s.mu.Unlock()
@@ -309,9 +341,10 @@ func (s *Server) Start() {
 	}
 }
 
-// Pause freezes the server: calls block until Resume (or their context
-// ends), open watches go silent and then fail as a client's health check
-// would, and no lease expires.
+// Pause freezes the server as SIGSTOP freezes a process: calls block until
+// Resume (or their context ends), open watches go silent and then fail as a
+// client's health check would, and nothing happens on the server, no lease
+// expires either. But the clock runs on: see Resume.
 func (s *Server) Pause() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -323,7 +356,10 @@ func (s *Server) Pause() {
 	s.failStreamsLocked(fmt.Errorf("memory: server not answering: %w", registry.ErrUnavailable))
 }
 
-// Resume ends a Pause; leases get their full TTL again.
+// Resume ends a Pause. Like a real server that runs again (etcd's lessor
+// revoking overdue leases, a Consul TTL check turning critical), it first
+// expires every lease whose TTL ran out while it was paused, before it
+// answers any call: the renewals that could not reach it are too late.
 func (s *Server) Resume() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -333,8 +369,11 @@ func (s *Server) Resume() {
 	default:
 	}
 	close(s.resumed)
+	now := time.Now()
 	for _, l := range s.leases {
-		s.arm(l)
+		if !now.Before(l.expires) {
+			s.revokeLocked(l, ErrLeaseNotFound)
+		}
 	}
 }
 
@@ -360,19 +399,30 @@ func (s *Server) RevokeLeases() {
 	}
 }
 
-// Delete removes an entry as another client would.
+// Restrict makes the server refuse every call of user but Ping with
+// ErrPermissionDenied, as a real server refuses an authenticated user
+// without the rights (an etcd user without a role, a Consul token without
+// service rights). Clients are given a user with Options.User.
+func (s *Server) Restrict(user string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.restricted[user] = true
+}
+
+// Delete removes an entry of the default namespace as another client would.
 func (s *Server) Delete(service, id string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.deleteLocked(service, id, true)
 }
 
-// Put writes an entry with no lease, as another client would. It is not
-// validated: tests use it to write garbage.
+// Put writes an entry of the default namespace with no lease, as another
+// client would, overwriting what is there. It is not validated: tests use it
+// to write garbage.
 func (s *Server) Put(inst driver.Instance) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.putLocked(inst, nil)
+	s.putLocked(inst.Service, inst, nil)
 }
 
 // Leases returns the number of live leases.
