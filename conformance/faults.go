@@ -13,8 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
-
+	"github.com/rollcall-go/rollcall/internal/testutil"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -871,11 +870,17 @@ func testPermissionDenied(t *testing.T, h Harness) {
 // testNoLeaksAfterFaults: registrations and watchers are open through
 // pause/resume and stop/start cycles, more are made during the outage, then
 // everything is closed: no goroutine is left.
+//
+// goleak's IgnoreCurrent tells goroutines apart by ID, and a server restart
+// makes clients that outlive the test's own (the harness's admin client, a
+// child process's waiter) replace their goroutines with new ones. So the
+// leak check compares, per kind of goroutine (its entry function and the
+// function that started it), how many there are with how many there were
+// before the test's clients existed: a leak is a kind that grew.
 func testNoLeaksAfterFaults(t *testing.T, h Harness) {
 	warm := open(t, h)
 	_ = lookupIDs(t, warm, service("warm"))
-	base := goleak.IgnoreCurrent()
-	before := goroutineIDs()
+	before := countKinds(goroutineStacks())
 	svc := service("leakfault")
 	r1, err := h.MakeRegistry(ctxT(t), TTL)
 	if err != nil {
@@ -922,19 +927,27 @@ func testNoLeaksAfterFaults(t *testing.T, h Harness) {
 			t.Logf("Close: %v", err)
 		}
 	}
-	opts := append([]goleak.Option{base}, harnessGoroutines(before)...)
-	var leak error
+	var extra []goroutine
 	deadline := time.Now().Add(settle)
-	for leak = goleak.Find(opts...); leak != nil && time.Now().Before(deadline); leak = goleak.Find(opts...) {
+	for {
+		extra = grown(before, goroutineStacks())
+		if len(extra) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(testutil.PollInterval) // polling interval, not synchronisation
 	}
-	if leak != nil {
-		t.Fatal(leak)
+	if len(extra) > 0 {
+		var b strings.Builder
+		for _, g := range extra {
+			b.WriteString(g.stack + "\n\n")
+		}
+		t.Fatalf("%d goroutines more than before the clients were made, %v after everything was closed:\n%s", len(extra), settle, b.String())
 	}
 }
 
 // Packages whose goroutines belong to the harness's servers (a child
 // process's waiter, an in-process test server, envtest, containers), not
-// to the client under test. A server restarted by the test starts new ones.
+// to the client under test.
 var harnessPackages = []string{
 	"github.com/rollcall-go/rollcall/internal/testserver",
 	"sigs.k8s.io/controller-runtime/pkg/envtest",
@@ -944,17 +957,15 @@ var harnessPackages = []string{
 	"go.etcd.io/etcd/server",
 }
 
-func goroutineIDs() map[string]bool {
-	ids := map[string]bool{}
-	for _, g := range goroutineStacks() {
-		ids[g[0]] = true
-	}
-	return ids
+// goroutine is one goroutine's stack, and its kind: the function it runs
+// and the one that started it, which stay the same for its whole life.
+type goroutine struct {
+	kind, stack string
+	harness     bool // a function of harnessPackages is on its stack
 }
 
-// goroutineStacks returns every goroutine's stack, as its header line and
-// its lines.
-func goroutineStacks() [][]string {
+// goroutineStacks returns every goroutine but the calling one.
+func goroutineStacks() []goroutine {
 	buf := make([]byte, 1<<20)
 	for {
 		n := runtime.Stack(buf, true)
@@ -964,43 +975,56 @@ func goroutineStacks() [][]string {
 		}
 		buf = make([]byte, 2*len(buf))
 	}
-	var out [][]string
-	for _, block := range strings.Split(strings.TrimSpace(string(buf)), "\n\n") {
-		lines := strings.Split(block, "\n")
-		hdr := lines[0]
-		if i := strings.Index(hdr, " ["); i > 0 {
-			hdr = hdr[:i]
+	var out []goroutine
+	for i, block := range strings.Split(strings.TrimSpace(string(buf)), "\n\n") {
+		if i == 0 {
+			continue // the calling goroutine comes first
 		}
-		out = append(out, append([]string{hdr}, lines[1:]...))
+		g := goroutine{stack: block}
+		entry, creator := "", ""
+		for _, line := range strings.Split(block, "\n")[1:] {
+			if line == "" || strings.HasPrefix(line, "\t") || strings.HasPrefix(line, "...") {
+				continue
+			}
+			if c, ok := strings.CutPrefix(line, "created by "); ok {
+				creator, _, _ = strings.Cut(c, " in goroutine")
+				break
+			}
+			fn := line
+			if j := strings.LastIndex(fn, "("); j > 0 {
+				fn = fn[:j]
+			}
+			entry = fn
+			for _, p := range harnessPackages {
+				if strings.HasPrefix(fn, p) {
+					g.harness = true
+				}
+			}
+		}
+		g.kind = entry + " started by " + creator
+		out = append(out, g)
 	}
 	return out
 }
 
-// harnessGoroutines returns goleak options that ignore the goroutines
-// started since before by the harness's servers: each function of theirs
-// (in harnessPackages) on the stack of a new goroutine.
-func harnessGoroutines(before map[string]bool) []goleak.Option {
-	var opts []goleak.Option
-	seen := map[string]bool{}
-	for _, g := range goroutineStacks() {
-		if before[g[0]] {
-			continue
-		}
-		for _, line := range g[1:] {
-			if strings.HasPrefix(line, "\t") || strings.HasPrefix(line, "created by ") {
-				continue
-			}
-			fn := line
-			if i := strings.LastIndex(fn, "("); i > 0 {
-				fn = fn[:i]
-			}
-			for _, p := range harnessPackages {
-				if strings.HasPrefix(fn, p) && !seen[fn] {
-					seen[fn] = true
-					opts = append(opts, goleak.IgnoreAnyFunction(fn))
-				}
-			}
+func countKinds(gs []goroutine) map[string]int {
+	n := map[string]int{}
+	for _, g := range gs {
+		n[g.kind]++
+	}
+	return n
+}
+
+// grown returns the goroutines of the kinds there are more of now than in
+// before, but the harness's.
+func grown(before map[string]int, now []goroutine) []goroutine {
+	seen := map[string]int{}
+	var out []goroutine
+	for _, g := range now {
+		seen[g.kind]++
+		if seen[g.kind] > before[g.kind] && !g.harness {
+			out = append(out, g)
 		}
 	}
-	return opts
+	return out
 }
