@@ -359,8 +359,10 @@ func testDeregisterDuringOutage(t *testing.T, h Harness) {
 			t.Fatalf("Deregister of %s with a 1s context while the server was %s returned nil: it cannot have withdrawn the instance", step.id, o.what())
 		}
 		t.Logf("Deregister of %s while the server was %s: %v", step.id, o.what(), err)
-		if s := step.reg.Status(); s.State != registry.Withdrawing || s.Err == nil {
-			t.Fatalf("status after the failed Deregister of %s: %v (err %v); want %v with the error", step.id, s.State, s.Err, registry.Withdrawing)
+		// The withdrawal is pending (its first attempt may still be in
+		// flight, so Status.Err may not say why yet).
+		if s := step.reg.Status(); s.State != registry.Withdrawing {
+			t.Fatalf("status after the failed Deregister of %s: %v (err %v); want %v", step.id, s.State, s.Err, registry.Withdrawing)
 		}
 		pending[step.id] = step.reg
 		o.end()
