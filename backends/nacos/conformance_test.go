@@ -67,6 +67,23 @@ func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry
 	return ownedRegistry{r, cli}, nil
 }
 
+var _ conformance.NamespaceMaker = (*harness)(nil)
+
+// MakeRegistryIn makes a registry in a Nacos namespace (the SDK client's
+// namespace id): services of one namespace never see another's.
+func (h *harness) MakeRegistryIn(ctx context.Context, ttl time.Duration, namespace string) (registry.Registry, error) {
+	cli, err := nacos.NewClient(nacos.ClientOptions{Servers: []string{h.srv.Addr()}, Namespace: namespace, Timeout: 3 * time.Second, CacheDir: h.dir})
+	if err != nil {
+		return nil, err
+	}
+	r, err := nacos.New(cli, &nacos.Options{TTL: ttl})
+	if err != nil {
+		cli.CloseClient()
+		return nil, err
+	}
+	return ownedRegistry{r, cli}, nil
+}
+
 // Crash closes the SDK client without deregistering anything: its
 // connection closes and the server drops its ephemeral instances, as when
 // the process dies.

@@ -284,6 +284,9 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err := st.sub.subscribe(ctx, cli); err != nil {
 		return nil, err
 	}
+	if err := b.conflict(st, inst); err != nil {
+		return nil, err
+	}
 	p := &publication{b: b, st: st, id: inst.ID, inst: inst}
 	b.mu.Lock()
 	old := st.pubs[inst.ID]
@@ -304,11 +307,36 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err == nil {
 		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst))
 	}
+	if err == nil {
+		// A registration of the ID at another address that raced with
+		// this one (each past the other's check): this one yields.
+		err = b.conflict(st, inst)
+	}
 	if err != nil {
 		b.publishFailed(st, p, old)
 		return nil, err
 	}
 	return b.published(p, old), nil
+}
+
+// conflict returns an error wrapping registry.ErrConflict when the
+// server's list of the service shows inst's ID at an address other than
+// inst's and other than what this connection sent for it: another client
+// (another process, or another Registry) holds the ID. Nacos itself names
+// an instance by service, cluster, ip and port, and keeps rollcall's ID in
+// metadata only, so the ID's owner is whoever registered it at the address
+// the list shows; the same address is the same Nacos instance, and is
+// accepted.
+func (b *backend) conflict(st *svcState, inst driver.Instance) error {
+	b.mu.Lock()
+	mine := st.sent[inst.ID].Addr
+	b.mu.Unlock()
+	for _, addr := range st.sub.holders(inst.ID) {
+		if addr != inst.Addr && addr != mine {
+			return fmt.Errorf("%w: nacos: %s/%s is registered at %s by another client", registry.ErrConflict, inst.Service, inst.ID, addr)
+		}
+	}
+	return nil
 }
 
 // settle waits until the server's list of st's service satisfies cond. If it
@@ -325,6 +353,21 @@ func (b *backend) settle(ctx context.Context, cli naming_client.INamingClient, s
 		return err
 	}
 	return st.sub.waitFor(ctx, 0, what, cond)
+}
+
+// settleRemoval is settle for a withdrawal: it waits until the server's
+// list no longer shows id. Another client may register the same ID at the
+// same address (the same Nacos instance, see conflict), and then the list
+// keeps showing it: so after redoGrace the withdrawal is sent once more
+// (as settle does, for a redo that undid it), and the server's success
+// answer to that send ends it (a deregistration removes the connection's
+// whole publication of the service, and a redo cannot come after it
+// without a new connection, whose loss the backend reports).
+func (b *backend) settleRemoval(ctx context.Context, cli naming_client.INamingClient, st *svcState, id string) error {
+	if err := st.sub.waitFor(ctx, redoGrace, "the removal of "+id, gone(id)); err == nil || ctx.Err() != nil {
+		return err
+	}
+	return b.sync(ctx, cli, st, true)
 }
 
 func shown(inst driver.Instance) func(map[string]driver.Instance) bool {
@@ -431,7 +474,7 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	if err := b.sync(ctx, cli, st, false); err != nil {
 		return err
 	}
-	if err := b.settle(ctx, cli, st, "the removal of "+p.id, gone(p.id)); err != nil {
+	if err := b.settleRemoval(ctx, cli, st, p.id); err != nil {
 		return err
 	}
 	b.mu.Lock()

@@ -38,6 +38,7 @@ type subscription struct {
 	dead       bool
 	ready      bool                       // snap holds a list from the server
 	ref        uint64                     // the SDK's lastRefTime of snap, 0 if unknown
+	dups       map[string][]string        // ID → every address the list has for it, for IDs with more than one
 	snap       map[string]driver.Instance // never modified: replaced
 	delta      driver.Event               // from the list of version ver-1 to snap
 	ver        uint64
@@ -228,6 +229,7 @@ func (s *subscription) apply(hosts []model.Instance, initial bool) {
 	// Convert against the list current at the time, and diff again if
 	// another list came in meanwhile.
 	snap, delta := s.b.convert(s.name, hosts, prev)
+	dups := s.b.dupAddrs(hosts)
 	s.mu.Lock()
 	if s.dead || (initial && s.ready) || (ref != 0 && s.ready && ref <= s.ref) {
 		s.mu.Unlock()
@@ -236,7 +238,7 @@ func (s *subscription) apply(hosts []model.Instance, initial bool) {
 	if s.ver != ver {
 		delta = diff(s.snap, snap)
 	}
-	s.ref = ref
+	s.ref, s.dups = ref, dups
 	s.setLocked(snap, delta)
 	s.mu.Unlock()
 	if !initial {
@@ -336,6 +338,52 @@ func (b *backend) convert(service string, hosts []model.Instance, prev map[strin
 	}
 	sortChanges(ev.Changes)
 	return m, ev
+}
+
+// dupAddrs returns, for each ID that more than one routable instance of
+// hosts carries, all their addresses (convert keeps one of them).
+func (b *backend) dupAddrs(hosts []model.Instance) map[string][]string {
+	var all map[string][]string
+	seen := make(map[string]string, len(hosts))
+	for i := range hosts {
+		h := &hosts[i]
+		if !h.Enable || !h.Healthy || !(h.Weight > 0) || (b.filter != "" && clusterName(h.ClusterName) != b.filter) {
+			continue
+		}
+		addr := net.JoinHostPort(h.Ip, strconv.FormatUint(h.Port, 10))
+		id := h.Metadata[MetaID]
+		if id == "" {
+			continue // its ID is its address
+		}
+		first, dup := seen[id]
+		if !dup {
+			seen[id] = addr
+			continue
+		}
+		if all == nil {
+			all = map[string][]string{}
+		}
+		if len(all[id]) == 0 {
+			all[id] = []string{first}
+		}
+		if !slices.Contains(all[id], addr) {
+			all[id] = append(all[id], addr)
+		}
+	}
+	return all
+}
+
+// holders returns the addresses the current list has for id.
+func (s *subscription) holders(id string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d := s.dups[id]; len(d) > 0 {
+		return slices.Clone(d)
+	}
+	if in, ok := s.snap[id]; ok {
+		return []string{in.Addr}
+	}
+	return nil
 }
 
 // weightMeta is the MetaWeight value an instance without one gets from its

@@ -1,0 +1,54 @@
+package nacos_test
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/rollcall-go/rollcall/backends/nacos"
+	"github.com/rollcall-go/rollcall/registry"
+)
+
+// An ID registered by another client at another address is refused with
+// registry.ErrConflict and the holder's registration stands; the same
+// address (the same Nacos instance) is accepted; once the holders are gone
+// the ID is free.
+func TestDuplicateIDIsAConflict(t *testing.T) {
+	srv := startServer(t)
+	open := func() registry.Registry {
+		return newRegistry(t, newClient(t, srv, nacos.ClientOptions{}), &nacos.Options{TTL: time.Minute})
+	}
+	a, b, c, watcher := open(), open(), open(), open()
+	ids := watchIDs(t, watcher, "dup")
+	regA, err := a.Register(ctxT(t), registry.Instance{Service: "dup", ID: "same", Addr: "10.0.0.1:7001"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "the watcher to show the holder", func() bool { got, _ := ids(); return len(got) == 1 })
+	_, err = b.Register(ctxT(t), registry.Instance{Service: "dup", ID: "same", Addr: "10.0.0.2:7002"})
+	if !errors.Is(err, registry.ErrConflict) {
+		t.Fatalf("Register of an ID another client holds at another address: %v, want registry.ErrConflict", err)
+	}
+	t.Logf("refused: %v", err)
+	if got := srv.Instances("", "", "dup"); len(got) != 1 || got[0].Ip != "10.0.0.1" {
+		t.Fatalf("the server holds %v, want the holder's 10.0.0.1:7001 only", got)
+	}
+	regC, err := c.Register(ctxT(t), registry.Instance{Service: "dup", ID: "same", Addr: "10.0.0.1:7001"})
+	if err != nil {
+		t.Fatalf("Register of the same ID at the same address: %v", err)
+	}
+	// Both hold one Nacos instance; either can leave.
+	if err := regC.Deregister(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if err := regA.Deregister(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Register(ctxT(t), registry.Instance{Service: "dup", ID: "same", Addr: "10.0.0.2:7002"}); err != nil {
+		t.Fatalf("Register after the holders left: %v", err)
+	}
+	list, err := watcher.Lookup(ctxT(t), "dup")
+	if err != nil || len(list) != 1 || list[0].Addr != "10.0.0.2:7002" {
+		t.Fatalf("Lookup = %v, %v; want the new holder", list, err)
+	}
+}
