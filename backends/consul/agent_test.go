@@ -150,9 +150,14 @@ func TestRenewalCostDoesNotGrowWithInstances(t *testing.T) {
 }
 
 // A session check found critical loses the registrations, which come back.
+//
+// The registrar's writes are held while the test fails its session check:
+// otherwise its next renewal can make the check pass again before the
+// watcher or the registrar has seen it critical (a race the test would lose
+// under load). Its reads go through, so it finds the check critical.
 func TestCriticalSessionIsLostAndRegisteredAgain(t *testing.T) {
 	srv := testserver.StartConsulServer(t)
-	r, _ := newRegistry(t, srv.Addr(), consul.Options{TTL: 6 * time.Second})
+	r, tr := newRegistry(t, srv.Addr(), consul.Options{TTL: 6 * time.Second})
 	reg, err := r.Register(ctxFor(t, 10*time.Second), instance("crit", "a", 9001))
 	if err != nil {
 		t.Fatal(err)
@@ -164,12 +169,19 @@ func TestCriticalSessionIsLostAndRegisteredAgain(t *testing.T) {
 	if err != nil || len(checks) != 1 {
 		t.Fatalf("session checks: %v, %v", checks, err)
 	}
+	release := tr.holdWrites(t)
 	for id := range checks {
 		if err := admin.Agent().UpdateTTLOpts(id, "failed by the test", api.HealthCritical, qopts(t)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	nextUpdate(t, ch, 10*time.Second, "a removed (its alias check follows the session)", func(u registry.Update) bool { return len(u.Removed) == 1 })
+	nextUpdate(t, ch, 10*time.Second, "a removed (its alias check follows the session)", func(u registry.Update) bool {
+		return len(u.Removed) == 1 && !u.Stale
+	})
+	waitUntil(t, 20*time.Second, "the registrar to find its session critical", func() bool {
+		return reg.Status().State == registry.Retrying
+	})
+	release()
 	waitUntil(t, 20*time.Second, "re-registration", func() bool {
 		s := reg.Status()
 		return s.State == registry.Registered && s.Reregistrations >= 1

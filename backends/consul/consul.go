@@ -3,7 +3,7 @@
 //
 // # URL form
 //
-//	consul://HOST:PORT/?ttl=10s&dc=dc1&token=SECRET
+//	consul://HOST:PORT/[PREFIX]?ttl=10s&dc=dc1&token=SECRET
 //	consul://HOST:8501/?tls=true&ca_file=/etc/consul/ca.pem&cert_file=c.pem&key_file=k.pem
 //	consul://USER:PASSWORD@HOST:PORT/   (HTTP basic auth, for an agent behind a proxy)
 //
@@ -12,8 +12,8 @@
 // by CONSUL_HTTP_ADDR, or localhost:8500: settings not given in the URL fall
 // back, as in the consul command, to the CONSUL_HTTP_* environment variables
 // read by the consul api package (CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...),
-// except CONSUL_HTTP_SSL: the URL's tls parameter decides. The path must be
-// empty or "/". Parameters (any other is rejected):
+// except CONSUL_HTTP_SSL: the URL's tls parameter decides. The path is empty,
+// "/", or a prefix (see Prefixes below). Parameters (any other is rejected):
 //
 //	ttl                   TTL of the session's check (default 10s)
 //	dc                    datacenter for discovery (default: the agent's)
@@ -24,11 +24,26 @@
 //	cert_file, key_file   client certificate and key, for mutual TLS
 //	server_name           TLS server name (default: HOST)
 //	insecure_skip_verify  true: do not verify the agent's certificate
-//	wait                  wait time of the blocking queries (default 5s; see Watch below)
+//	wait                  wait time of the blocking queries (default ttl/2, between 1s and 5s; see Watch)
 //	deregister_after      DeregisterCriticalServiceAfter of the checks (default max(1m, 3*ttl))
 //
 // Open does not connect; registry.Registry.Ping does. New takes a client the
 // caller already holds.
+//
+// # Prefixes
+//
+// Consul's open-source edition has no namespaces. A Registry opened with a
+// path, consul://HOST:PORT/team-a, or with Options.Prefix "team-a", puts every
+// service it registers or reads under the Consul service name
+// "team-a/SERVICE" (its session too: "team-a/rollcall-session"), so that
+// Registries with different prefixes never see each other's instances, also
+// when one prefix is a prefix of the other ("team-a" and "team-ab"), and an
+// ACL policy can grant a team service_prefix "team-a/". A Registry without a
+// prefix sees none of them: '/' is not allowed in rollcall service names.
+// Each '/'-separated segment of a prefix is a valid service name. A gRPC
+// target consul://HOST:PORT/team-a/user.rpc resolves user.rpc in team-a.
+// Such names are not discoverable through Consul's DNS interface (nor are
+// names with '.' or '_').
 //
 // # Registration
 //
@@ -36,41 +51,84 @@
 // holds one lease: a heartbeat service "rollcall-session" (ID
 // "rollcall-session~RANDOM", Meta pid and host) with a TTL check whose status
 // is passing. Each instance is an agent service registration whose only check
-// is an alias check of that heartbeat (initially passing), so it is passing
-// exactly while the heartbeat is. One renewal loop renews the heartbeat's TTL
-// check every TTL/3 and, before that, reads the agent's TTL and alias checks:
-// two requests per TTL/3 however many instances the Registry holds (a TTL
-// check per instance would cost one request, and on a server agent one fsync,
-// per instance and per round).
+// is an alias check of that heartbeat (initially passing, its check ID names
+// the session), so it is passing exactly while the heartbeat is. One renewal
+// loop renews the heartbeat's TTL check every TTL/3 and, before that, reads
+// the agent's TTL and alias checks: two requests per TTL/3 however many
+// instances the Registry holds (a TTL check per instance would cost one
+// request, and on a server agent one fsync, per instance and per round). A
+// renewal that fails is retried before the next round is due (at once after
+// a timeout, with a backoff from 100ms after a quick failure), and the first
+// renewal after a failure renews before it reads, so that an agent that comes
+// back from a pause or a partition finds its session renewed within moments:
+// a TTL that lapsed only because the agent could not hear the registrar is not
+// treated as a loss.
 //
 // The registrations are lost, and package registry registers them again,
 // when the agent no longer knows the session's check (the agent restarted
 // without its data, reaped the session, or someone deregistered it) or finds
-// it critical (its TTL lapsed while the process or the agent was stalled, or
-// someone failed it); one registration alone is lost when its service is gone
-// from the agent (someone deregistered it). Deregister removes the service
-// from the agent at once; Close removes the session. A crashed process stops
+// it critical outside an outage (its TTL lapsed while the process was
+// stalled, or someone failed it); one registration alone is lost when its
+// service is gone from the agent (someone deregistered it) or another
+// registrar took it over (see Duplicate IDs). A renewal the ACLs refuse loses
+// the session with registry.ErrPermission. Deregister removes the service from
+// the agent at once, unless another registrar holds it by then; it may be
+// repeated after it failed. Close removes the session. A crashed process stops
 // renewing: after one TTL its session, and with it every alias check, turns
 // critical, which removes its instances from every watcher; the agent reaps
 // them after deregister_after (Consul reaps every 30 s or so, with a minimum
 // of one minute, so this is only cleanup).
 //
+// # Duplicate IDs
+//
+// Consul service IDs are unique per agent, not per cluster, so "another live
+// registrar" of an instance (service and ID) is one of:
+//
+//   - another Registry, in this or another process, whose registration of the
+//     same instance on the same agent is passing (its session is renewed);
+//     registering would overwrite it;
+//   - a registration of the same Consul service ID on another node that is
+//     passing; registering would add a second entry with the same instance ID.
+//
+// Register fails with registry.ErrConflict, and writes nothing, when such a
+// registrar holds the instance at a different address. At the same address it
+// is the same endpoint (typically a restarted process whose old session has
+// not expired yet) and on the same agent it is taken over. The registrar
+// whose registration was taken over finds out at its next renewal, reports
+// registry.ErrConflict in its Status, and takes the instance back only once
+// the holder's registration is no longer passing: two live registrars of one
+// instance settle on one owner, with no write loop. The checks are a read
+// before the write: two registrars that register the same instance at the same
+// moment can both succeed; on one agent the renewals then settle it, across
+// nodes both entries stay (with the same address, or until one expires).
+//
 // # ACLs
 //
 // With ACLs enabled, the token needs service:write on the services it
-// registers and on "rollcall-session", and service:read on the services it
-// watches, with node:read on their nodes (Consul drops the instances of nodes
-// the token may not read). Consul 1.16 does not say that its ACLs filtered a
-// health answer: a token that may not read a service sees it empty.
+// registers and on "rollcall-session" (with a prefix: PREFIX/...), and
+// service:read on the services it watches, with node:read on their nodes
+// (Consul drops the instances of nodes the token may not read). A refusal
+// (403 Permission denied or ACL not found, or 401 from a proxy) wraps
+// registry.ErrPermission, never registry.ErrUnavailable: Register, renewals,
+// Lookup, Watch and Ping report it. Consul filters what a token may not read
+// instead of refusing it: when it says it dropped every instance
+// (X-Consul-Results-Filtered-By-ACLs) the answer is ErrFilteredByACLs, and an
+// empty answer is delivered only after the agent confirmed that the token may
+// read the service (GET /v1/agent/health/service/name/SERVICE, which refuses
+// a token without service:read): an empty list is never made of a refusal.
+// Ping checks that the agent answers, that the cluster has a leader and that
+// the agent knows the token; rights are per service, so a known token that
+// may do nothing passes Ping and is refused by Register, Lookup and Watch.
 //
 // # Mapping
 //
 // An Instance maps onto an agent service registration as follows:
 //
-//	Service              Name. Consul treats service names case-insensitively.
-//	ID                   ID = Service + "~" + ID ('~' is in neither name, and
+//	Service              Name (with the prefix, if any). Consul treats service
+//	                     names case-insensitively.
+//	ID                   ID = Name + "~" + ID ('~' is in neither name, and
 //	                     service IDs must be unique per agent). Read back with
-//	                     the "Service~" prefix removed; a service registered by
+//	                     the "Name~" prefix removed; a service registered by
 //	                     another tool keeps its own ID.
 //	Addr                 Address and Port. Read back from the service address,
 //	                     or the node's address when the service has none.
@@ -96,15 +154,22 @@
 // instance whose check turned critical disappears at once, long before Consul
 // reaps it. A watch is a loop of blocking queries; each answer is the full
 // list and is delivered as a reset, which package registry diffs. The index
-// rules of Consul's documentation are kept: the index is reset to 0 when it
-// goes backwards and is never used below 1, and a query that returns early
-// without progress is followed by a growing pause, so that no loop of requests
-// hammers an agent. Every request carries a deadline: a blocking query waits at
-// most wait (plus Consul's jitter of wait/16) and its deadline is one second
-// later, so a watch fails, and its watcher reports stale, within about wait +
-// 1.3 s of the agent stopping to answer; a watch of a quiet service makes
-// about 60/wait requests a minute. Errors end the watch; package registry
-// reopens it with backoff.
+// rules of Consul's documentation are kept: an answer whose index went
+// backwards is not delivered (the agent's view was reset: a restarted server,
+// or a streaming view that lost its subscription, which answers an empty list
+// at index 1) and the list is read again with index 0; the index is never
+// used below 1; and a query that returns early without progress is followed
+// by a growing pause, so that no loop of requests hammers an agent. Every
+// request carries a deadline: a blocking query waits at most wait (plus
+// Consul's jitter of wait/16) and its deadline is one second later, so a watch
+// fails, and its watcher reports stale, within about wait + 1.1 s of the agent
+// stopping to answer. That is why wait defaults to half the TTL (between 1s
+// and 5s): a pause of the agent long enough for the TTL checks of registrars
+// configured like this one to lapse also ends the watch, and package
+// registry's resync grace then hides the moment in which they are critical
+// before their registrars renew them. A watch of a quiet service makes about
+// 60/wait requests a minute. Errors end the watch; package registry reopens it
+// with backoff.
 package consul
 
 import (
@@ -130,8 +195,11 @@ const Scheme = "consul"
 
 // Defaults.
 const (
-	// DefaultWaitTime is the wait time of blocking queries.
+	// DefaultWaitTime is the longest default wait time of blocking queries:
+	// the default is half the TTL, between one second and this.
 	DefaultWaitTime = 5 * time.Second
+	// minDefaultWait is the shortest default wait time.
+	minDefaultWait = time.Second
 	// DefaultRequestTimeout bounds requests whose context has no earlier
 	// deadline.
 	DefaultRequestTimeout = 10 * time.Second
@@ -144,7 +212,7 @@ const (
 func init() { registry.Register(Scheme, registry.URLOpenerFunc(openURL)) }
 
 func invalidURL(u *url.URL, format string, args ...any) error {
-	return fmt.Errorf("%w: %s: consul: %s (form: consul://host:port/?ttl=10s&token=...)",
+	return fmt.Errorf("%w: %s: consul: %s (form: consul://host:port/[prefix]?ttl=10s&token=...)",
 		registry.ErrInvalidURL, registry.RedactURL(u), fmt.Sprintf(format, args...))
 }
 
@@ -152,7 +220,10 @@ func openURL(_ context.Context, u *url.URL) (registry.Registry, error) {
 	p := registry.NewURLParams(u)
 	var o Options
 	o.TTL = p.Duration("ttl", driver.DefaultTTL)
-	o.WaitTime = p.Duration("wait", DefaultWaitTime)
+	o.WaitTime = p.Duration("wait", 0)
+	if u.Query().Has("wait") && o.WaitTime <= 0 {
+		return nil, invalidURL(u, "wait must be positive")
+	}
 	o.DeregisterAfter = p.Duration("deregister_after", 0)
 	dc := p.String("dc", "")
 	token := p.String("token", "")
@@ -170,8 +241,14 @@ func openURL(_ context.Context, u *url.URL) (registry.Registry, error) {
 	if err := p.Err(); err != nil {
 		return nil, err
 	}
-	if u.Opaque != "" || u.Path != "" && u.Path != "/" || u.Fragment != "" {
-		return nil, invalidURL(u, "no path or fragment allowed")
+	if u.Opaque != "" || u.Fragment != "" {
+		return nil, invalidURL(u, "no fragment allowed")
+	}
+	if p := strings.TrimPrefix(u.Path, "/"); p != "" {
+		if err := ValidatePrefix(p); err != nil {
+			return nil, invalidURL(u, "%v", err)
+		}
+		o.Prefix = p
 	}
 	if strings.Contains(u.Host, ",") {
 		return nil, invalidURL(u, "one agent address only")
@@ -237,13 +314,18 @@ type Options struct {
 	// TTL of the session's TTL check; driver.DefaultTTL when zero.
 	// It is renewed every TTL/3.
 	TTL time.Duration
+	// Prefix, when not empty, scopes the Registry: every service name S is
+	// the Consul service "Prefix/S" (see Prefixes in the package doc). Each
+	// '/'-separated segment must be a valid service name (ValidatePrefix).
+	Prefix string
 	// DeregisterAfter is the checks' DeregisterCriticalServiceAfter: the agent
 	// removes a service whose check has been critical this long. Zero means
 	// max(1m, 3*TTL); Consul's minimum is one minute.
 	DeregisterAfter time.Duration
-	// WaitTime is the wait time of each blocking query; DefaultWaitTime when
-	// zero. It also bounds how long a watch takes to notice an agent that
-	// stopped answering.
+	// WaitTime is the wait time of each blocking query; when zero, half the
+	// TTL, between one second and DefaultWaitTime. It also bounds how long a
+	// watch takes to notice an agent that stopped answering (about WaitTime
+	// + 1.1s).
 	WaitTime time.Duration
 	// RequestTimeout bounds each other request whose context has no earlier
 	// deadline; DefaultRequestTimeout when zero.
@@ -255,12 +337,29 @@ type Options struct {
 	Registry registry.Options
 }
 
+// ValidatePrefix reports whether p may be used as Options.Prefix: one or
+// more valid service names joined by '/'.
+func ValidatePrefix(p string) error {
+	for _, seg := range strings.Split(p, "/") {
+		if err := registry.ValidateServiceName(seg); err != nil {
+			return fmt.Errorf("prefix %q: segment %q: %w", p, seg, err)
+		}
+	}
+	return nil
+}
+
 // New returns a Registry over cli, a client of a Consul agent. It does not
 // connect. The Registry does not close cli's idle connections when it is
-// closed: cli belongs to the caller.
+// closed: cli belongs to the caller. It panics if cli is nil or
+// opts.Prefix is not valid (see ValidatePrefix).
 func New(cli *api.Client, opts *Options) registry.Registry {
 	if cli == nil {
 		panic("consul: New with a nil client")
+	}
+	if opts != nil && opts.Prefix != "" {
+		if err := ValidatePrefix(opts.Prefix); err != nil {
+			panic("consul: New: " + err.Error())
+		}
 	}
 	b := newBackend(cli, opts)
 	return registry.New(b, &b.opts.Registry)
@@ -275,7 +374,7 @@ func newBackend(cli *api.Client, opts *Options) *backend {
 		o.TTL = driver.DefaultTTL
 	}
 	if o.WaitTime <= 0 {
-		o.WaitTime = DefaultWaitTime
+		o.WaitTime = min(DefaultWaitTime, max(minDefaultWait, o.TTL/2))
 	}
 	if o.RequestTimeout <= 0 {
 		o.RequestTimeout = DefaultRequestTimeout
@@ -290,10 +389,14 @@ func newBackend(cli *api.Client, opts *Options) *backend {
 		o.Registry.Logger = o.Logger
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &backend{
+	b := &backend{
 		c: cli, opts: o, ttl: o.TTL, reap: o.DeregisterAfter, wait: o.WaitTime, log: o.Logger,
-		ctx: ctx, cancel: cancel, pubs: map[string]*publication{},
+		ctx: ctx, cancel: cancel, pubs: map[string]*publication{}, takenOver: map[string]bool{},
 	}
+	if o.Prefix != "" {
+		b.prefix = o.Prefix + "/"
+	}
+	return b
 }
 
 type backend struct {
@@ -303,6 +406,7 @@ type backend struct {
 	wait         time.Duration
 	log          *slog.Logger
 	ownTransport *http.Transport // closed with the backend when it made it
+	prefix       string          // Options.Prefix + "/", or empty
 
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
@@ -315,6 +419,10 @@ type backend struct {
 	renewing bool                    // the renewal loop runs
 	sess     *session                // the current session, nil before the first
 	pubs     map[string]*publication // by Consul service ID
+	// takenOver holds the Consul service IDs of publications that another
+	// live registrar took over on this agent: they are taken back only once
+	// that registrar's registration is no longer passing.
+	takenOver map[string]bool
 }
 
 var (
@@ -336,8 +444,10 @@ func (b *backend) bound(ctx context.Context, d time.Duration) (context.Context, 
 
 // wrap turns a request error into the backend's error. The caller's context
 // errors pass through unchanged; answers of the agent keep their status
-// (api.StatusError); anything else (no connection, no answer in time) wraps
-// registry.ErrUnavailable and the cause.
+// (api.StatusError): refusals (403, and 401 from a proxy) wrap
+// registry.ErrPermission, server errors registry.ErrUnavailable; anything
+// else (no connection, no answer in time) wraps registry.ErrUnavailable and
+// the cause.
 func (b *backend) wrap(ctx context.Context, op string, err error) error {
 	if err == nil {
 		return nil
@@ -352,6 +462,9 @@ func (b *backend) wrap(ctx context.Context, op string, err error) error {
 	if errors.As(err, &se) {
 		if se.Code >= 500 || se.Code == http.StatusTooManyRequests {
 			return fmt.Errorf("consul: %s: %w: %w", op, registry.ErrUnavailable, err)
+		}
+		if se.Code == http.StatusForbidden || se.Code == http.StatusUnauthorized {
+			return fmt.Errorf("consul: %s: refused by the agent: %w: %w", op, registry.ErrPermission, err)
 		}
 		if se.Code == http.StatusBadRequest && op == "register" {
 			return fmt.Errorf("consul: %s: %w: %w", op, registry.ErrInvalidInstance, err)
@@ -375,6 +488,9 @@ func (b *backend) isClosed() bool {
 	return b.closed
 }
 
+// name returns the Consul service name of a rollcall service.
+func (b *backend) name(service string) string { return b.prefix + service }
+
 // health runs one health query for the passing instances of service. With
 // index 0 it returns at once; otherwise it blocks up to b.wait for a change
 // after index. stop, when not nil, cancels the request too.
@@ -386,7 +502,7 @@ func (b *backend) health(ctx context.Context, stop context.Context, service stri
 		defer context.AfterFunc(stop, cancel)()
 	}
 	q := &api.QueryOptions{WaitIndex: index, WaitTime: b.wait}
-	entries, meta, err := b.c.Health().Service(service, "", true, q.WithContext(qctx))
+	entries, meta, err := b.c.Health().Service(b.name(service), "", true, q.WithContext(qctx))
 	if err != nil {
 		if stop != nil && stop.Err() != nil && ctx.Err() == nil {
 			return nil, nil, errStreamClosed
@@ -406,17 +522,39 @@ func (b *backend) health(ctx context.Context, stop context.Context, service stri
 
 // ErrFilteredByACLs is returned when Consul says it filtered out every
 // instance of a service because the ACL token may not read them (it needs
-// service:read on the service and node:read on their nodes). A list of which
-// the ACLs hid only a part is delivered, with a warning. Consul 1.16 does not
-// say so on the health endpoint: there a token that may not read a service
-// sees it empty.
-var ErrFilteredByACLs = errors.New("consul: the ACL token may read none of the instances")
+// service:read on the service and node:read on their nodes). It wraps
+// registry.ErrPermission. A list of which the ACLs hid only a part is
+// delivered, with a warning.
+var ErrFilteredByACLs = fmt.Errorf("consul: the ACL token may read none of the instances: %w", registry.ErrPermission)
+
+// mayRead asks the agent whether the token may read service, before an
+// empty list is delivered: Consul hides what a token may not read instead of
+// refusing it, so an empty answer alone does not tell an empty service from
+// a refusal. The agent's local health endpoint for a service name checks
+// service:read and refuses with 403; it answers 404 (no instance on this
+// agent), 429 or 503 (instances warning or critical) otherwise.
+func (b *backend) mayRead(ctx, stop context.Context, service string) error {
+	qctx, cancel := b.bound(ctx, b.opts.RequestTimeout)
+	defer cancel()
+	if stop != nil {
+		defer context.AfterFunc(stop, cancel)()
+	}
+	var out []api.AgentServiceChecksInfo
+	_, err := b.c.Raw().Query("/v1/agent/health/service/name/"+b.name(service), &out, (&api.QueryOptions{}).WithContext(qctx))
+	switch {
+	case err == nil, isStatus(err, http.StatusNotFound), isStatus(err, http.StatusTooManyRequests), isStatus(err, http.StatusServiceUnavailable):
+		return nil
+	case stop != nil && stop.Err() != nil && ctx.Err() == nil:
+		return errStreamClosed
+	}
+	return b.wrap(ctx, "checking read access to "+service, err)
+}
 
 // convert returns the instances of entries, skipping entries with no service.
-func convert(entries []*api.ServiceEntry) []driver.Instance {
+func (b *backend) convert(entries []*api.ServiceEntry) []driver.Instance {
 	out := make([]driver.Instance, 0, len(entries))
 	for _, e := range entries {
-		if in, ok := fromEntry(e); ok {
+		if in, ok := b.fromEntry(e); ok {
 			out = append(out, in)
 		}
 	}
@@ -431,10 +569,19 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	if err != nil {
 		return nil, err
 	}
-	return convert(entries), nil
+	list := b.convert(entries)
+	if len(list) == 0 {
+		if err := b.mayRead(ctx, nil, service); err != nil {
+			return nil, err
+		}
+	}
+	return list, nil
 }
 
-func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, error) {
+// Watch returns a stream of service. It makes no request: ctx, which bounds
+// opening only, is not used; the stream lives until its Close or the
+// backend's.
+func (b *backend) Watch(_ context.Context, service string) (driver.Stream, error) {
 	if b.isClosed() {
 		return nil, errClosed
 	}
@@ -443,7 +590,9 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 }
 
 // Ping asks the agent for the cluster leader: it fails when the agent does
-// not answer or its cluster has no leader.
+// not answer or its cluster has no leader. It then checks that the agent
+// knows the ACL token (an unknown or expired token wraps
+// registry.ErrPermission); what a known token may do is checked by each call.
 func (b *backend) Ping(ctx context.Context) error {
 	if b.isClosed() {
 		return errClosed
@@ -457,7 +606,22 @@ func (b *backend) Ping(ctx context.Context) error {
 	if leader == "" {
 		return fmt.Errorf("consul: ping: the cluster has no leader: %w", registry.ErrUnavailable)
 	}
-	return nil
+	// The status endpoints ignore tokens; the agent's health endpoint
+	// resolves the token first (403 "ACL not found" for an unknown one),
+	// then checks service:read (403 "Permission denied", which proves the
+	// token is known).
+	var out []api.AgentServiceChecksInfo
+	_, err = b.c.Raw().Query("/v1/agent/health/service/name/"+b.name(SessionService), &out, (&api.QueryOptions{}).WithContext(qctx))
+	var se api.StatusError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &se) && se.Code == http.StatusForbidden && !strings.Contains(se.Body, "ACL not found"):
+		return nil
+	case errors.As(err, &se) && (se.Code == http.StatusNotFound || se.Code == http.StatusTooManyRequests || se.Code == http.StatusServiceUnavailable):
+		return nil
+	}
+	return b.wrap(ctx, "ping", err)
 }
 
 // Close removes the session's heartbeat from the agent, and stops the

@@ -23,12 +23,20 @@ import (
 // unambiguous, and it needs no escaping in a URL path.
 const idSep = "~"
 
-// serviceID returns the Consul service ID of an instance.
-func serviceID(service, id string) string { return service + idSep + id }
+// serviceID returns the Consul service ID of an instance of the Consul
+// service name.
+func serviceID(name, id string) string { return name + idSep + id }
 
 // checkID returns the ID of the check of a Consul service ID; it is the ID
-// Consul itself gives the single check of a service registration.
+// Consul itself gives the single check of a service registration. The
+// session's TTL check has it.
 func checkID(sid string) string { return "service:" + sid }
+
+// aliasCheckID returns the ID of the alias check of an instance's Consul
+// service ID sid that follows the session whose service ID is sessionSID.
+// It names the session, so that a registrar tells its own registration of an
+// instance from another registrar's ('@' is in no service ID).
+func aliasCheckID(sid, sessionSID string) string { return "rollcall:" + sid + "@" + sessionSID }
 
 // Consul's limits on service metadata (agent/structs: validateMetaPair).
 const (
@@ -41,7 +49,7 @@ var metaKeyFormat = regexp.MustCompile(`^[a-zA-Z0-9_-]+$`).MatchString
 
 // registration builds the agent service registration of inst, with its
 // alias check of the session's heartbeat (sessionSID; empty for validation
-// only). Metadata that Consul would refuse is an ErrInvalidInstance here,
+// only). Its Name carries the backend's prefix. Metadata that Consul would refuse is an ErrInvalidInstance here,
 // before any request.
 func (b *backend) registration(inst driver.Instance, sessionSID string) (*api.AgentServiceRegistration, error) {
 	host, portStr, err := net.SplitHostPort(inst.Addr)
@@ -76,17 +84,18 @@ func (b *backend) registration(inst driver.Instance, sessionSID string) (*api.Ag
 		}
 	}
 	slices.Sort(tags)
-	sid := serviceID(inst.Service, inst.ID)
+	name := b.name(inst.Service)
+	sid := serviceID(name, inst.ID)
 	return &api.AgentServiceRegistration{
 		ID:      sid,
-		Name:    inst.Service,
+		Name:    name,
 		Address: host,
 		Port:    port,
 		Tags:    tags,
 		Meta:    meta,
 		Weights: &api.AgentWeights{Passing: weight, Warning: 1},
 		Check: &api.AgentServiceCheck{
-			CheckID:      checkID(sid),
+			CheckID:      aliasCheckID(sid, sessionSID),
 			Name:         "rollcall session",
 			Notes:        "passing while the registrar's session " + sessionSID + " is renewed",
 			AliasService: sessionSID,
@@ -102,11 +111,12 @@ func (b *backend) registration(inst driver.Instance, sessionSID string) (*api.Ag
 // sessionRegistration builds the registration of a session's heartbeat
 // service, whose TTL check the renewal loop renews.
 func (b *backend) sessionRegistration(id string) *api.AgentServiceRegistration {
-	sid := serviceID(SessionService, id)
+	name := b.name(SessionService)
+	sid := serviceID(name, id)
 	host, _ := os.Hostname()
 	return &api.AgentServiceRegistration{
 		ID:   sid,
-		Name: SessionService,
+		Name: name,
 		Meta: map[string]string{"pid": strconv.Itoa(os.Getpid()), "host": host},
 		Check: &api.AgentServiceCheck{
 			CheckID:                        checkID(sid),
@@ -139,11 +149,12 @@ func checkMeta(k, v string) error {
 	return nil
 }
 
-// fromEntry converts a health entry read from Consul. It never fails: entries
-// that are not valid instances come out as whatever they hold, and package
-// registry validates them and skips the bad ones with a log line. ok is
-// false only for entries with no service at all.
-func fromEntry(e *api.ServiceEntry) (driver.Instance, bool) {
+// fromEntry converts a health entry read from Consul, removing the
+// backend's prefix from the service name. It never fails: entries that are
+// not valid instances come out as whatever they hold, and package registry
+// validates them and skips the bad ones with a log line. ok is false only
+// for entries with no service at all.
+func (b *backend) fromEntry(e *api.ServiceEntry) (driver.Instance, bool) {
 	if e == nil || e.Service == nil {
 		return driver.Instance{}, false
 	}
@@ -156,7 +167,11 @@ func fromEntry(e *api.ServiceEntry) (driver.Instance, bool) {
 	if rest, ok := strings.CutPrefix(id, s.Service+idSep); ok && rest != "" {
 		id = rest
 	}
-	in := driver.Instance{Service: s.Service, ID: id, Addr: net.JoinHostPort(host, strconv.Itoa(s.Port))}
+	service := s.Service
+	if b.prefix != "" && len(service) > len(b.prefix) && strings.EqualFold(service[:len(b.prefix)], b.prefix) {
+		service = service[len(b.prefix):]
+	}
+	in := driver.Instance{Service: service, ID: id, Addr: net.JoinHostPort(host, strconv.Itoa(s.Port))}
 	md := maps.Clone(s.Meta)
 	// The weight is Weights.Passing, never a Meta key: weight 1 (Consul's
 	// default) is reported as no key, and weights above rollcall's maximum

@@ -44,7 +44,7 @@ func TestMappingRoundTrips(t *testing.T) {
 		if reg.Check == nil || reg.Check.AliasService != "rollcall-session~x" || reg.Check.Status != api.HealthPassing {
 			t.Errorf("%v: check %+v, want a passing alias of the session", in, reg.Check)
 		}
-		got, ok := fromEntry(entryOf(reg, "192.0.2.1"))
+		got, ok := b.fromEntry(entryOf(reg, "192.0.2.1"))
 		if !ok || got.Service != in.Service || got.ID != in.ID || got.Addr != in.Addr || !maps.Equal(got.Metadata, in.Metadata) {
 			t.Errorf("round trip of %v gave %v", in, got)
 		}
@@ -90,6 +90,7 @@ func TestRegistrationRejectsMetadataConsulRefuses(t *testing.T) {
 }
 
 func TestFromEntryReadsOtherTools(t *testing.T) {
+	b := testBackend()
 	e := &api.ServiceEntry{
 		Node: &api.Node{Address: "10.1.1.1"},
 		Service: &api.AgentService{ID: "web-1", Service: "web", Port: 8080,
@@ -97,7 +98,7 @@ func TestFromEntryReadsOtherTools(t *testing.T) {
 			Meta:    map[string]string{"zone": "z9", "weight": "banana"},
 			Weights: api.AgentWeights{Passing: 20000, Warning: 1}},
 	}
-	got, ok := fromEntry(e)
+	got, ok := b.fromEntry(e)
 	want := driver.Instance{Service: "web", ID: "web-1", Addr: "10.1.1.1:8080",
 		Metadata: map[string]string{"version": "v7", "zone": "z9", "weight": "10000"}}
 	if !ok || got.ID != want.ID || got.Addr != want.Addr || !maps.Equal(got.Metadata, want.Metadata) {
@@ -111,12 +112,12 @@ func TestFromEntryReadsOtherTools(t *testing.T) {
 		{Service: &api.AgentService{ID: "web~", Service: "web"}},
 		{Node: nil, Service: &api.AgentService{ID: "x", Service: "web", Port: 1}},
 	} {
-		in, ok := fromEntry(e)
+		in, ok := b.fromEntry(e)
 		if ok && in.ID == "" {
 			t.Errorf("fromEntry(%+v) = %+v: an empty ID would be taken from the address", e, in)
 		}
 	}
-	if _, ok := fromEntry(nil); ok {
+	if _, ok := b.fromEntry(nil); ok {
 		t.Error("fromEntry(nil) ok")
 	}
 }

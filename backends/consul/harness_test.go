@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/rollcall-go/rollcall/backends/consul"
 	"github.com/rollcall-go/rollcall/conformance"
+	"github.com/rollcall-go/rollcall/internal/testserver"
 	"github.com/rollcall-go/rollcall/internal/testserver/provider"
 	"github.com/rollcall-go/rollcall/registry"
 )
@@ -30,14 +32,21 @@ func testLogger() *slog.Logger {
 }
 
 // cutTransport is an http.RoundTripper that can be cut: every request after
-// cut fails, as if the process had died. It also counts requests.
+// cut fails, as if the process had died. It also counts requests, and
+// service registrations, and can refuse writes for a while.
 type cutTransport struct {
-	base  *http.Transport
-	cut   atomic.Bool
-	count atomic.Int64
+	base    *http.Transport
+	cut     atomic.Bool
+	count   atomic.Int64
+	regs    atomic.Int64 // PUT /v1/agent/service/register sent
+	refuse  atomic.Bool  // PUTs fail
+	writing atomic.Int64 // PUTs in flight
 }
 
-var errCut = errors.New("test: transport cut (process crashed)")
+var (
+	errCut     = errors.New("test: transport cut (process crashed)")
+	errRefused = errors.New("test: writes refused")
+)
 
 func newCutTransport() *cutTransport {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
@@ -49,8 +58,28 @@ func (c *cutTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if c.cut.Load() {
 		return nil, errCut
 	}
+	if req.Method == http.MethodPut {
+		c.writing.Add(1)
+		defer c.writing.Add(-1)
+		if c.refuse.Load() {
+			return nil, errRefused
+		}
+		if strings.HasPrefix(req.URL.Path, "/v1/agent/service/register") {
+			c.regs.Add(1)
+		}
+	}
 	c.count.Add(1)
 	return c.base.RoundTrip(req)
+}
+
+// holdWrites makes every PUT through c (registrations, renewals) fail until
+// the returned function is called. It returns once no PUT is in flight, so
+// that nothing sent before can land after.
+func (c *cutTransport) holdWrites(t *testing.T) (release func()) {
+	t.Helper()
+	c.refuse.Store(true)
+	waitUntil(t, 30*time.Second, "the writes in flight to finish", func() bool { return c.writing.Load() == 0 })
+	return func() { c.refuse.Store(false) }
 }
 
 // newClient returns a consul api client of addr over tr; no idle connection
@@ -69,6 +98,8 @@ type harness struct {
 	t     *testing.T
 	srv   provider.Consul // a child process, or a container (ROLLCALL_TEST_SERVERS=containers)
 	admin *api.Client     // another client, for the faults
+
+	acl *testserver.ConsulServer // started by MakeRestrictedRegistry
 }
 
 func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
@@ -89,8 +120,41 @@ func (r *hreg) Close() error {
 }
 
 func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
+	return h.MakeRegistryIn(ctx, ttl, "")
+}
+
+// MakeRegistryIn scopes the registry with a prefix: Consul's open-source
+// edition has no namespaces, and Options.Prefix is what isolates there.
+func (h *harness) MakeRegistryIn(_ context.Context, ttl time.Duration, namespace string) (registry.Registry, error) {
 	tr := newCutTransport()
 	cli := newClient(h.t, h.srv.Addr(), tr)
+	if namespace != "" {
+		if err := consul.ValidatePrefix(namespace); err != nil {
+			return nil, err
+		}
+	}
+	return &hreg{Registry: consul.New(cli, &consul.Options{TTL: ttl, Prefix: namespace, Logger: testLogger()}), tr: tr}, nil
+}
+
+// MakeRestrictedRegistry returns a client, with a valid ACL token that has
+// no service rights, of an agent that enforces ACLs (default deny). That
+// agent is another child process, started at the first call (the harness's
+// own agent runs without ACLs, so that the other subtests need no token);
+// the harness itself uses its management token.
+func (h *harness) MakeRestrictedRegistry(_ context.Context, ttl time.Duration) (registry.Registry, error) {
+	if _, err := testserver.Binary("consul"); err != nil {
+		return nil, fmt.Errorf("%w: the ACL agent is a child process: %v", conformance.ErrUnsupported, err)
+	}
+	if h.acl == nil {
+		h.acl = testserver.StartConsulServerWith(h.t, testserver.ConsulServerOptions{ACL: true})
+	}
+	token := h.acl.NewToken(fmt.Sprintf("restricted-%d", time.Now().UnixNano()), `key_prefix "rollcall-test/" { policy = "read" }`)
+	tr := newCutTransport()
+	cli, err := api.NewClient(&api.Config{Address: h.acl.Addr(), Token: token, HttpClient: &http.Client{Transport: tr}})
+	if err != nil {
+		return nil, err
+	}
+	h.t.Cleanup(tr.base.CloseIdleConnections)
 	return &hreg{Registry: consul.New(cli, &consul.Options{TTL: ttl, Logger: testLogger()}), tr: tr}, nil
 }
 
@@ -112,7 +176,8 @@ func (h *harness) URLs() (string, []string) {
 		"consul://" + a + "/?unknown=1",
 		"consul://" + a + "/?token=hunter2&bogus=1",
 		"consul://" + a + "/?token=hunter2&ttl=1s&ttl=2s",
-		"consul://" + a + "/path",
+		"consul://" + a + "/bad~prefix",
+		"consul://" + a + "/team-a//x",
 		"consul://" + a + "/?tls=maybe",
 		"consul://" + a + "/?tls=false&ca_file=/ca.pem",
 		"consul://" + a + "/?cert_file=/c.pem",

@@ -6,16 +6,21 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/rollcall-go/rollcall/registry"
 	"github.com/rollcall-go/rollcall/registry/driver"
 )
 
 // SessionService is the name of the heartbeat services of registrars: each
 // Registry that registers instances holds one, "rollcall-session~RANDOM",
-// whose TTL check it renews, and its instances' checks alias it.
+// whose TTL check it renews, and its instances' checks alias it. A Registry
+// with a prefix names it "PREFIX/rollcall-session".
 const SessionService = "rollcall-session"
 
 // Why a publication is lost.
@@ -31,17 +36,27 @@ var (
 	// ErrServiceGone: the agent no longer knows the instance's service
 	// (someone deregistered it, or the agent reaped it).
 	ErrServiceGone = errors.New("consul: the agent no longer knows the registration")
+	// ErrTakenOver: another registrar registered the same instance (service
+	// and ID) on the agent, at the same address. It wraps
+	// registry.ErrConflict; the instance is registered again once that
+	// registrar's registration is no longer passing.
+	ErrTakenOver = fmt.Errorf("consul: another live registrar on this agent took over the registration: %w", registry.ErrConflict)
 
 	errSessionLost = errors.New("session lost")
 	errReplaced    = errors.New("consul: replaced by a newer registration of the same instance")
 	errWithdrawn   = errors.New("consul: withdrawn")
 )
 
+// Renewal retries: a renewal that failed quickly is retried after
+// retryMin, doubling up to the renewal interval.
+const retryMin = 100 * time.Millisecond
+
 // session is a registrar's heartbeat service and its TTL check; all the
 // publications of a backend made while it lives alias it.
 type session struct {
 	driver.Loss
 	sid, cid string
+	node     string // the agent's node name; empty if it could not be read
 }
 
 type publication struct {
@@ -73,6 +88,11 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		return nil, err
 	}
 	ss := &session{sid: reg.ID, cid: reg.Check.CheckID}
+	// The agent's node name, for telling registrations on other nodes
+	// apart (it needs no ACL right beyond reading the session).
+	if info, err := b.localHealth(ctx, ss.sid); err == nil && info != nil && len(info.Checks) > 0 {
+		ss.node = info.Checks[0].Node
+	}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -90,6 +110,28 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		go b.renewLoop()
 	}
 	return ss, nil
+}
+
+// localHealth reads the agent's own registration of the Consul service ID
+// sid with its checks: nil, nil when the agent has none. The agent answers
+// 200, 429 or 503 for a passing, warning or critical service: the status is
+// in AggregatedStatus.
+func (b *backend) localHealth(ctx context.Context, sid string) (*api.AgentServiceChecksInfo, error) {
+	qctx, cancel := b.bound(ctx, b.opts.RequestTimeout)
+	defer cancel()
+	var info api.AgentServiceChecksInfo
+	_, err := b.c.Raw().Query("/v1/agent/health/service/id/"+sid, &info, (&api.QueryOptions{}).WithContext(qctx))
+	switch {
+	case err == nil:
+		return &info, nil
+	case isStatus(err, http.StatusNotFound):
+		return nil, nil
+	case isStatus(err, http.StatusTooManyRequests):
+		return &api.AgentServiceChecksInfo{AggregatedStatus: api.HealthWarning}, nil
+	case isStatus(err, http.StatusServiceUnavailable):
+		return &api.AgentServiceChecksInfo{AggregatedStatus: api.HealthCritical}, nil
+	}
+	return nil, b.wrap(ctx, "reading registration "+sid, err)
 }
 
 // loseSession marks ss and every publication on it lost, and removes its
@@ -145,6 +187,9 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err != nil {
 		return nil, err
 	}
+	if err := b.claim(ctx, ss, reg); err != nil {
+		return nil, err
+	}
 	p := &publication{b: b, sess: ss, sid: reg.ID, cid: reg.Check.CheckID}
 	b.mu.Lock()
 	if b.closed {
@@ -163,11 +208,71 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	}
 	b.mu.Lock()
 	p.live = true
+	delete(b.takenOver, p.sid)
 	b.mu.Unlock()
 	if ss.IsLost() { // lost while we were registering
 		p.Lose(ss.Err())
 	}
 	return p, nil
+}
+
+// claim checks, before reg is written, that no other live registrar holds
+// the instance (see Duplicate IDs in the package doc): on this agent, a
+// passing registration of the same service ID whose check is not this
+// session's alias; on other nodes, a passing catalog entry with the same
+// service ID. A holder at another address is a conflict; at the same address
+// it is taken over, unless it took the instance from this backend.
+func (b *backend) claim(ctx context.Context, ss *session, reg *api.AgentServiceRegistration) error {
+	addr := net.JoinHostPort(reg.Address, strconv.Itoa(reg.Port))
+	info, err := b.localHealth(ctx, reg.ID)
+	if err != nil {
+		return err
+	}
+	if info != nil && info.AggregatedStatus == api.HealthPassing && info.Service != nil && !ownCheck(info.Checks, reg.Check.CheckID) {
+		held := net.JoinHostPort(info.Service.Address, strconv.Itoa(info.Service.Port))
+		b.mu.Lock()
+		taken := b.takenOver[reg.ID]
+		b.mu.Unlock()
+		switch {
+		case held != addr:
+			return fmt.Errorf("consul: register %s at %s: %w: a live registration on this agent has it at %s", reg.ID, addr, registry.ErrConflict, held)
+		case taken:
+			return fmt.Errorf("consul: register %s: %w: another live registrar took it over at the same address; it is taken back once that registration stops passing", reg.ID, registry.ErrConflict)
+		}
+	}
+	if ss.node == "" {
+		return nil // the node is not known: other nodes cannot be told apart
+	}
+	qctx, cancel := b.bound(ctx, b.opts.RequestTimeout)
+	defer cancel()
+	q := &api.QueryOptions{Filter: fmt.Sprintf("Service.ID == %q and Node.Node != %q", reg.ID, ss.node)}
+	entries, _, err := b.c.Health().Service(reg.Name, "", true, q.WithContext(qctx))
+	if err != nil {
+		return b.wrap(ctx, "register", err)
+	}
+	for _, e := range entries {
+		if e.Service == nil || e.Node == nil {
+			continue
+		}
+		host := e.Service.Address
+		if host == "" {
+			host = e.Node.Address
+		}
+		if held := net.JoinHostPort(host, strconv.Itoa(e.Service.Port)); held != addr {
+			return fmt.Errorf("consul: register %s at %s: %w: a live registration on node %s has it at %s", reg.ID, addr, registry.ErrConflict, e.Node.Node, held)
+		}
+	}
+	return nil
+}
+
+// ownCheck reports whether checks hold the check ID cid.
+func ownCheck(checks api.HealthChecks, cid string) bool {
+	for _, c := range checks {
+		if c != nil && c.CheckID == cid {
+			return true
+		}
+	}
+	return false
 }
 
 // register sends an agent service registration; it replaces a registration
@@ -203,49 +308,79 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 }
 
 // Withdraw deregisters the service from the agent, unless a newer
-// publication of the same instance replaced this one.
+// publication of the same instance replaced this one or another registrar
+// holds it now. It may be repeated after it failed: the publication stays
+// the backend's until the agent confirmed.
 func (p *publication) Withdraw(ctx context.Context) error {
-	owner := p.b.forget(p)
-	p.Lose(errWithdrawn)
+	b := p.b
+	p.Lose(errWithdrawn) // no renewal round looks at it any more
+	b.mu.Lock()
+	owner := b.pubs[p.sid] == p
+	b.mu.Unlock()
 	if !owner {
+		return nil // replaced, or withdrawn already
+	}
+	info, err := b.localHealth(ctx, p.sid)
+	if err != nil {
+		return err
+	}
+	if info != nil && info.Service != nil && !ownCheck(info.Checks, p.cid) {
+		// Another registrar's now (or someone else's): not ours to remove.
+		b.forget(p)
 		return nil
 	}
-	dctx, cancel := p.b.bound(ctx, p.b.opts.RequestTimeout)
-	defer cancel()
-	err := p.b.c.Agent().ServiceDeregisterOpts(p.sid, (&api.QueryOptions{}).WithContext(dctx))
-	if isStatus(err, 404) {
-		return nil // already gone: reaped, or the agent restarted
+	if info != nil {
+		dctx, cancel := b.bound(ctx, b.opts.RequestTimeout)
+		err = b.c.Agent().ServiceDeregisterOpts(p.sid, (&api.QueryOptions{}).WithContext(dctx))
+		cancel()
+		if err != nil && !isStatus(err, 404) { // 404: already gone
+			return b.wrap(ctx, "deregister", err)
+		}
 	}
-	return p.b.wrap(ctx, "deregister", err)
+	b.forget(p)
+	b.mu.Lock()
+	delete(b.takenOver, p.sid)
+	b.mu.Unlock()
+	return nil
 }
 
 // renewLoop renews the session every TTL/3, from the first session until
-// Close.
+// Close. A failed renewal is retried before the next one is due: at once
+// after a timeout (the round has waited already), otherwise after a backoff
+// growing from retryMin; the retry renews first (see renewRound).
 func (b *backend) renewLoop() {
 	defer b.wg.Done()
-	t := time.NewTicker(max(b.ttl/3, time.Millisecond))
+	interval := max(b.ttl/3, time.Millisecond)
+	t := time.NewTimer(interval)
 	defer t.Stop()
-	failing := false
+	failures := 0
 	for {
 		select {
 		case <-b.ctx.Done():
 			return
 		case <-t.C:
 		}
-		err := b.renewRound()
+		start := time.Now()
+		err := b.renewRound(failures > 0)
 		switch {
 		case errors.Is(err, errSessionLost):
 			b.log.Warn("consul: the session is lost; its instances are registered again", "err", err)
-			failing = false
-			continue
-		case err != nil && !failing:
-			b.log.Warn("consul: renewing the session failed; retrying every TTL/3", "err", err)
-		case err == nil && failing:
-			b.log.Info("consul: renewing the session works again")
+			failures = 0
+		case err != nil && failures == 0:
+			b.log.Warn("consul: renewing the session failed; retrying", "err", err)
+		case err == nil && failures > 0:
+			b.log.Info("consul: renewing the session works again", "failed_rounds", failures)
 		case err != nil:
 			b.log.Debug("consul: renewing the session failed", "err", err)
 		}
-		failing = err != nil
+		next := interval
+		if err != nil && !errors.Is(err, errSessionLost) {
+			failures++
+			next = max(0, min(interval, retryMin<<min(failures-1, 20))-time.Since(start))
+		} else {
+			failures = 0
+		}
+		t.Reset(next)
 	}
 }
 
@@ -253,7 +388,14 @@ func (b *backend) renewLoop() {
 // the number of instances: it reads the states of the agent's TTL and alias
 // checks, loses the session if its check is missing or critical and the
 // publications whose check is missing, then renews the session's check.
-func (b *backend) renewRound() error {
+//
+// After a failed round (retry), it renews first and reads after: the agent
+// could not be reached, so a TTL that lapsed meanwhile lapsed because the
+// agent could not hear the renewals, and the renewal, in flight when the
+// agent answers again, makes the instances pass again within moments
+// instead of after a re-registration. A check still critical after that
+// renewal was failed by the expiry racing it, and is renewed once more.
+func (b *backend) renewRound(retry bool) error {
 	b.mu.Lock()
 	ss := b.sess
 	// Publications registered before the states are read must be among
@@ -272,47 +414,92 @@ func (b *backend) renewRound() error {
 	}
 	ctx, cancel := context.WithTimeout(b.ctx, b.ttl/3)
 	defer cancel()
+	renew := func() error {
+		err := b.c.Agent().UpdateTTLOpts(ss.cid, "", api.HealthPassing, (&api.QueryOptions{}).WithContext(ctx))
+		switch {
+		case err == nil:
+			return nil
+		case isStatus(err, 404):
+			b.loseSession(ss, ErrSessionGone)
+			return fmt.Errorf("%w: %w", errSessionLost, ErrSessionGone)
+		}
+		err = b.wrap(b.ctx, "renew session", err)
+		if errors.Is(err, registry.ErrPermission) {
+			b.loseSession(ss, err)
+			return fmt.Errorf("%w: %w", errSessionLost, err)
+		}
+		return err
+	}
+	var rerr error
+	if retry {
+		if rerr = renew(); errors.Is(rerr, errSessionLost) {
+			return rerr
+		}
+	}
 	states, err := b.checkStates(ctx)
 	if err == nil {
-		switch st, ok := states[ss.cid]; {
+		switch st, ok := states.status[ss.cid]; {
 		case !ok:
 			b.loseSession(ss, ErrSessionGone)
 			return fmt.Errorf("%w: %w", errSessionLost, ErrSessionGone)
-		case st == api.HealthCritical:
+		case st == api.HealthCritical && !(retry && rerr == nil):
 			b.loseSession(ss, ErrSessionCritical)
 			return fmt.Errorf("%w: %w", errSessionLost, ErrSessionCritical)
+		case st == api.HealthCritical:
+			retry = false // renewed, then expired: renew again below
 		}
+		var taken []string
 		for _, p := range pubs {
-			if _, ok := states[p.cid]; !ok {
+			if _, ok := states.status[p.cid]; ok {
+				continue
+			}
+			if states.services[p.sid] {
+				taken = append(taken, p.sid)
+				p.Lose(ErrTakenOver)
+			} else {
 				p.Lose(ErrServiceGone)
 			}
 		}
+		if len(taken) > 0 {
+			b.mu.Lock()
+			for _, sid := range taken {
+				b.takenOver[sid] = true
+			}
+			b.mu.Unlock()
+		}
 	}
-	// Renew even if the states could not be read: the renewal tells what
-	// the agent knows too.
-	rerr := b.c.Agent().UpdateTTLOpts(ss.cid, "", api.HealthPassing, (&api.QueryOptions{}).WithContext(ctx))
-	if isStatus(rerr, 404) {
-		b.loseSession(ss, ErrSessionGone)
-		return fmt.Errorf("%w: %w", errSessionLost, ErrSessionGone)
+	if !retry {
+		// Renew even if the states could not be read: the renewal tells
+		// what the agent knows too.
+		rerr = renew()
 	}
 	if rerr != nil {
-		return b.wrap(b.ctx, "renew session", rerr)
+		return rerr
 	}
 	return err
 }
 
+// checks is what checkStates reads.
+type checks struct {
+	status   map[string]string // by check ID
+	services map[string]bool   // service IDs that have a check
+}
+
 // checkStates returns the status of the agent's TTL and alias checks, by
-// check ID.
-func (b *backend) checkStates(ctx context.Context) (map[string]string, error) {
-	checks, err := b.c.Agent().ChecksWithFilterOpts(`Type == "ttl" or Type == "alias"`, (&api.QueryOptions{}).WithContext(ctx))
+// check ID, and the service IDs they belong to.
+func (b *backend) checkStates(ctx context.Context) (checks, error) {
+	list, err := b.c.Agent().ChecksWithFilterOpts(`Type == "ttl" or Type == "alias"`, (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return nil, b.wrap(b.ctx, "list checks", err)
+		return checks{}, b.wrap(b.ctx, "list checks", err)
 	}
-	m := make(map[string]string, len(checks))
-	for id, c := range checks {
-		if c != nil {
-			m[id] = c.Status
+	c := checks{status: make(map[string]string, len(list)), services: make(map[string]bool, len(list))}
+	for id, ck := range list {
+		if ck != nil {
+			c.status[id] = ck.Status
+			if ck.ServiceID != "" {
+				c.services[ck.ServiceID] = true
+			}
 		}
 	}
-	return m, nil
+	return c, nil
 }

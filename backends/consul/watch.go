@@ -55,30 +55,42 @@ func (s *stream) Next(ctx context.Context) (driver.Event, error) {
 			s.warned = true
 			s.b.log.Warn("consul: the ACL token may not read every instance; watching those it may read", "service", s.service)
 		}
-		prev, idx := s.index, meta.LastIndex
 		// Consul's index rules: never block on an index below 1 (it would
 		// return at once, forever); when the index goes backwards (a
-		// restarted or replaced server), start again from 0.
-		idx = max(idx, 1)
+		// restarted or replaced server, or a streaming view that lost its
+		// subscription: it answers an empty list at index 1 to a token the
+		// servers no longer know), the answer is not trusted: read again
+		// from index 0, which the agent answers from the servers at once.
+		prev, idx := s.index, max(meta.LastIndex, 1)
+		// Rate limit: a blocking query that returns early without progress
+		// (same index, or backwards) is followed by a growing pause; one
+		// that made progress or waited its time ends it. Queries from
+		// index 0 return at once by design and change neither.
+		if prev != 0 {
+			if idx <= prev && time.Since(start) < s.b.wait/2 {
+				s.stalls++
+				d := min(s.b.wait, minPause<<min(s.stalls-1, 10))
+				s.pause = d/2 + rand.N(d/2+1)
+			} else {
+				s.stalls, s.pause = 0, 0
+			}
+		}
 		if idx < prev {
 			s.index = 0
-		} else {
-			s.index = idx
+			continue
 		}
-		// Rate limit: a query that returns early without progress (same
-		// index, or backwards) is followed by a growing pause.
-		if prev != 0 && idx <= prev && time.Since(start) < s.b.wait/2 {
-			s.stalls++
-			d := min(s.b.wait, minPause<<min(s.stalls-1, 10))
-			s.pause = d/2 + rand.N(d/2+1)
-		} else {
-			s.stalls, s.pause = 0, 0
-		}
+		s.index = idx
 		// The list is compared even when the index did not move: an agent
 		// that gets its index wrong still cannot hide a change.
-		list := convert(entries)
+		list := s.b.convert(entries)
 		if s.sent && sameInstances(list, s.last) {
 			continue
+		}
+		if len(list) == 0 {
+			// Never deliver a refusal as an empty list.
+			if err := s.b.mayRead(ctx, s.ctx, s.service); err != nil {
+				return driver.Event{}, err
+			}
 		}
 		s.sent, s.last = true, list
 		return driver.ResetEvent(list), nil

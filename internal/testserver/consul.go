@@ -4,14 +4,19 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // ConsulServer is a Consul agent in server mode that bootstraps a
@@ -20,7 +25,9 @@ import (
 // unlike a -dev agent, Stop and Start keep the catalog (Raft) and the agent's own
 // service and check registrations, as a production agent restarting does, and
 // Wipe removes them. Ports are chosen free at the first start and kept across
-// restarts; DNS, gRPC and gRPC-TLS are disabled.
+// restarts; DNS, gRPC and gRPC-TLS are disabled. With
+// ConsulServerOptions.Join it is a client agent of another one's cluster
+// instead (a second node), and with ConsulServerOptions.ACL it enforces ACLs.
 //
 // Its methods call t.Fatal on failure, so call them from the test's goroutine.
 type ConsulServer struct {
@@ -34,6 +41,7 @@ type ConsulServer struct {
 	serfL   int
 	serfW   int
 	server  int
+	token   string // the management token, with ACL
 	proc    *child
 }
 
@@ -48,6 +56,14 @@ type ConsulServerOptions struct {
 	// Dev runs the agent with -dev instead: state in memory (no fsync),
 	// lost by Stop.
 	Dev bool
+	// ACL enables ACLs with the default policy deny; ManagementToken is the
+	// initial management token, which the agent uses too. Start waits until
+	// the token works.
+	ACL bool
+	// Join, when set, makes this agent a client agent (another node, no
+	// server) joined to Join's cluster; Start waits until it is in the
+	// catalog. Not with ACL or Dev.
+	Join *ConsulServer
 }
 
 // StartConsulServer starts a persistent single-server Consul agent and waits
@@ -66,8 +82,14 @@ func StartConsulServerWith(t testing.TB, opts ConsulServerOptions) *ConsulServer
 	if err != nil {
 		t.Fatal(err)
 	}
+	if opts.Join != nil && (opts.ACL || opts.Dev || opts.Join.opts.ACL) {
+		t.Fatal("testserver: consul: Join goes with neither ACL nor Dev")
+	}
 	dir := t.TempDir()
 	c := &ConsulServer{t: t, opts: opts, dataDir: filepath.Join(dir, "data"), nodeID: randomNodeID()}
+	if opts.ACL {
+		c.token = randomNodeID() // a UUID, as Consul wants
+	}
 	c.proc = newChild(t, "consul", bin, filepath.Join(dir, "consul.log"))
 	for attempt := 1; ; attempt++ {
 		ports, err := FreePorts(5)
@@ -76,6 +98,9 @@ func StartConsulServerWith(t testing.TB, opts ConsulServerOptions) *ConsulServer
 		}
 		c.http, c.serfL, c.serfW, c.server, c.https = ports[0], ports[1], ports[2], ports[3], ports[4]
 		c.node = "rollcall-test-" + strconv.Itoa(c.http)
+		if opts.Join != nil {
+			c.node = "rollcall-client-" + strconv.Itoa(c.http)
+		}
 		err = c.start()
 		if err == nil {
 			return c
@@ -93,6 +118,89 @@ func StartConsulServerWith(t testing.TB, opts ConsulServerOptions) *ConsulServer
 // Addr returns the address of the HTTP API, host:port.
 func (c *ConsulServer) Addr() string {
 	return net.JoinHostPort("127.0.0.1", strconv.Itoa(c.http))
+}
+
+// Node returns the agent's node name.
+func (c *ConsulServer) Node() string { return c.node }
+
+// ManagementToken returns the initial management token; only with
+// ConsulServerOptions.ACL.
+func (c *ConsulServer) ManagementToken() string {
+	if !c.opts.ACL {
+		c.t.Fatal("testserver: consul: ManagementToken without ConsulServerOptions.ACL")
+	}
+	return c.token
+}
+
+// NewToken creates, with the management token, an ACL policy holding rules
+// (HCL, e.g. `key_prefix "x/" { policy = "read" }`) and a token linked to it,
+// and returns the token's secret. Only with ConsulServerOptions.ACL.
+func (c *ConsulServer) NewToken(name, rules string) string {
+	c.t.Helper()
+	mgmt := c.ManagementToken()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var policy struct{ ID string }
+	if err := c.put(ctx, mgmt, "/v1/acl/policy", map[string]string{"Name": name, "Rules": rules}, &policy); err != nil {
+		c.t.Fatalf("testserver: consul: creating policy %s: %v", name, err)
+	}
+	var token struct{ SecretID string }
+	body := map[string]any{"Description": name, "Policies": []map[string]string{{"ID": policy.ID}}}
+	if err := c.put(ctx, mgmt, "/v1/acl/token", body, &token); err != nil {
+		c.t.Fatalf("testserver: consul: creating token %s: %v", name, err)
+	}
+	return token.SecretID
+}
+
+// put sends a JSON PUT to the HTTP API with token and decodes the answer
+// into out.
+func (c *ConsulServer) put(ctx context.Context, token, path string, in, out any) error {
+	b, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://"+c.Addr()+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("X-Consul-Token", token)
+	resp, err := probeClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return json.Unmarshal(body, out)
+}
+
+// get sends a GET to the HTTP API with token.
+func (c *ConsulServer) get(ctx context.Context, token, path string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+c.Addr()+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	if token != "" {
+		req.Header.Set("X-Consul-Token", token)
+	}
+	resp, err := probeClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return body, fmt.Errorf("%s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return body, nil
 }
 
 // HTTPSAddr returns the address of the HTTPS API, host:port; only with
@@ -153,8 +261,12 @@ func (c *ConsulServer) Start() {
 
 func (c *ConsulServer) start() error {
 	args := []string{"agent", "-server", "-bootstrap", "-data-dir=" + c.dataDir}
-	if c.opts.Dev {
+	switch {
+	case c.opts.Dev:
 		args = []string{"agent", "-dev"}
+	case c.opts.Join != nil:
+		args = []string{"agent", "-data-dir=" + c.dataDir,
+			"-retry-join=127.0.0.1:" + strconv.Itoa(c.opts.Join.serfL), "-retry-interval=200ms"}
 	}
 	args = append(args,
 		"-node="+c.node,
@@ -177,6 +289,9 @@ func (c *ConsulServer) start() error {
 	if c.opts.HTTPS {
 		args = append(args, "-https-port="+strconv.Itoa(c.https))
 	}
+	if c.opts.ACL {
+		args = append(args, fmt.Sprintf(`-hcl=acl { enabled = true default_policy = "deny" tokens { initial_management = %q agent = %q } }`, c.token, c.token))
+	}
 	for _, h := range c.opts.HCL {
 		args = append(args, "-hcl="+h)
 	}
@@ -184,14 +299,29 @@ func (c *ConsulServer) start() error {
 	if err := c.proc.start(args, env); err != nil {
 		return err
 	}
-	leader := "http://" + c.Addr() + "/v1/status/leader"
 	return c.proc.waitReady(func(ctx context.Context) error {
-		body, err := HTTPGet(ctx, leader)
+		body, err := c.get(ctx, "", "/v1/status/leader")
 		if err != nil {
 			return err
 		}
 		if b := bytes.TrimSpace(body); len(b) < 3 || b[0] != '"' {
 			return fmt.Errorf("no leader yet: %s", b)
+		}
+		if c.opts.ACL {
+			// The leader creates the management token once elected.
+			if _, err := c.get(ctx, c.token, "/v1/acl/token/self"); err != nil {
+				return fmt.Errorf("management token not ready: %w", err)
+			}
+		}
+		if c.opts.Join != nil {
+			// In the catalog: its registrations can be synced.
+			body, err := c.get(ctx, "", "/v1/catalog/node/"+c.node)
+			if err != nil {
+				return err
+			}
+			if bytes.Equal(bytes.TrimSpace(body), []byte("null")) {
+				return fmt.Errorf("node %s not in the catalog yet", c.node)
+			}
 		}
 		return nil
 	})
