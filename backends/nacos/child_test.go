@@ -119,6 +119,13 @@ var reconnectingProperties = []string{
 	"WatchKeepsLastListWhileServerStopped",
 	"ReregistersAfterLeaseRevoked",
 	"ReregistersAfterServerRestartWithWipedData",
+	"WatchSurvivesOutageLongerThanTTL",
+	"WatchStartedWhileServerDownIsStale",
+	"CallsFailFastWhileServerDown",
+	"DeregisterDuringOutageCompletesWhenServerReturns",
+	"CloseIsBoundedWhileServerPaused",
+	"FreezeNeverShrinks",
+	"NoGoroutineLeaksAfterFaults",
 }
 
 // TestConformanceWithoutRace runs, under -race, the conformance properties

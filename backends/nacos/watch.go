@@ -462,6 +462,11 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	if up, _, _, herr := b.health(); !up {
 		return nil, herr
 	}
+	if rc, ok := rpcClient(cli); ok && !rc.IsRunning() {
+		// The SDK lost its connection (its list may be stale), and the
+		// probe has not yet seen the server gone for long.
+		return nil, fmt.Errorf("%w: nacos: the SDK is not connected to the server", registry.ErrUnavailable)
+	}
 	s := b.acquireSub(service)
 	defer b.releaseSub(s)
 	if err := s.subscribe(ctx, cli); err != nil {
