@@ -303,7 +303,10 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	p.b.forget(p)
 	p.Lose(errors.New("memory: withdrawn"))
 	if p.b.isCrashed() {
-		return errCrashed
+		// A crashed process withdraws nothing and retries nothing (Crash
+		// closes the Registry only to release it): what it held goes when
+		// its lease expires.
+		return nil
 	}
 	return p.b.s.remove(ctx, p.b.user, p.sess.id, p.key[0], p.key[1])
 }
