@@ -2,6 +2,7 @@ package etcd_test
 
 import (
 	"context"
+	"net/url"
 	"testing"
 	"time"
 
@@ -21,7 +22,14 @@ type harness struct {
 	t     *testing.T
 	srv   provider.Etcd // a child process, or a container (ROLLCALL_TEST_SERVERS=containers)
 	admin *clientv3.Client
+
+	secured provider.Etcd // a second server, with authentication on, made by MakeRestrictedRegistry
 }
+
+var (
+	_ conformance.NamespaceMaker  = (*harness)(nil)
+	_ conformance.RestrictedMaker = (*harness)(nil)
+)
 
 // clientRegistry is a Registry made with etcd.New that also closes the
 // client it was given, as a process that exits would.
@@ -36,8 +44,16 @@ func (r *clientRegistry) Close() error {
 	return err
 }
 
+// clientConfig is the configuration of the test's clients: the one the
+// etcd:// opener uses (etcd.Configure), with a quiet logger.
+func clientConfig(ep string) clientv3.Config {
+	cfg := clientv3.Config{Endpoints: []string{ep}, Logger: zap.NewNop()}
+	etcd.Configure(&cfg)
+	return cfg
+}
+
 func newClient(t testing.TB, ep string) *clientv3.Client {
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cli, err := clientv3.New(clientConfig(ep))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,6 +73,24 @@ func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry
 		return nil, err
 	}
 	return &clientRegistry{Registry: r, cli: cli}, nil
+}
+
+// MakeRegistryIn makes a registry whose URL path is the namespace: its
+// keys live under /rollcall/<namespace>/.
+func (h *harness) MakeRegistryIn(ctx context.Context, ttl time.Duration, namespace string) (registry.Registry, error) {
+	return registry.Open(ctx, "etcd://"+h.srv.Endpoint()+"/"+url.PathEscape(namespace)+"?ttl="+ttl.String())
+}
+
+// MakeRestrictedRegistry makes a registry that logs in as a user whose only
+// role reads and writes another prefix, on a second etcd with
+// authentication enabled (enabling it on the harness's server would lock
+// out its other clients).
+func (h *harness) MakeRestrictedRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
+	if h.secured == nil {
+		h.secured = provider.StartEtcd(h.t)
+		enableAuth(h.t, h.secured.Endpoint(), "rootpw", "nobodypw")
+	}
+	return registry.Open(ctx, "etcd://nobody:nobodypw@"+h.secured.Endpoint()+"/?ttl="+ttl.String())
 }
 
 // Crash closes the client under the registry first, so nothing is revoked.

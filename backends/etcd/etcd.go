@@ -3,33 +3,67 @@
 //
 // URL form:
 //
-//	etcd://[user:password@]host1:2379[,host2:2379...]/[prefix]?ttl=10s&tls=true&ca=ca.pem&cert=c.pem&key=k.pem&dial-timeout=5s
+//	etcd://[user:password@]host1:2379[,host2:2379...]/[prefix]?ttl=10s&tls=true&ca=ca.pem&cert=c.pem&key=k.pem&dial-timeout=3s
 //
 // Parameters: ttl (lease TTL, default 10s), tls (use TLS; implied by ca,
-// cert or key), ca, cert, key (PEM file paths), dial-timeout (default 5s).
-// Unknown parameters are rejected. The password never appears in errors or
-// logs. Open does not dial: use Ping.
+// cert or key), ca, cert, key (PEM file paths), dial-timeout (how long one
+// connection attempt, its TCP, TLS and HTTP/2 handshakes, and logging in
+// may take; default 3s). Unknown parameters are rejected. The password
+// never appears in errors or logs. Open does not dial: use Ping.
+//
+// Connections: a client opened from a URL is set up by Configure. Its unary
+// calls fail at once with the connection's error ("connect: connection
+// refused", a handshake that did not complete within dial-timeout) while no
+// endpoint can be reached, instead of waiting for a connection until their
+// context ends; a call to a server that accepted it and then froze ends
+// with its context (the shared layer bounds every call), or once keepalive
+// pings, sent every 5s and given 3s, close the dead connection. A client
+// given to New behaves as it was configured; call Configure on its
+// clientv3.Config to get the same. Authentication and authorization
+// failures (a wrong password, a user without a role on the prefix) wrap
+// registry.ErrPermission, never registry.ErrUnavailable. Ping reads the
+// prefix key itself, so it needs read permission on it.
 //
 // Key layout: an instance of service S with ID I lives at
 // ROOT S/I, where ROOT is Options.Prefix ("/rollcall/" by default) followed
 // by the URL path and a '/' ("/rollcall/team-a/" for etcd://h:2379/team-a).
 // Because every service directory ends with '/', a watch of "user" never sees
-// "user2". The value is JSON, {"Addr":"10.0.0.7:8080","Metadata":{...}}, the
-// shape of etcd's own naming/endpoints.Endpoint, so etcd's gRPC resolver
-// reads the same keys. Values that do not decode, or decode to an invalid
-// instance, are skipped with a log line.
+// "user2", and the prefix team-a never sees team-ab. The value is JSON,
+// {"Addr":"10.0.0.7:8080","Metadata":{...}}, the shape of etcd's own
+// naming/endpoints.Endpoint, so etcd's gRPC resolver reads the same keys.
+// Values that do not decode, or decode to an invalid instance, are skipped
+// with a log line.
 //
 // Liveness: one lease per Registry, shared by all its registrations and
 // renewed by clientv3's keepalive (about one keepalive per TTL/3 whatever the
-// number of instances). When the last registration is withdrawn the lease is
-// revoked. The registrar also watches its own keys, so an instance deleted or
-// overwritten by someone else is registered again.
+// number of instances). etcd grants whole seconds and at least its minimum
+// TTL (1.5 election timeouts, rounded up: 2s with etcd's defaults), so
+// ttl=500ms becomes 2s there; the granted TTL is logged once, at INFO, when
+// it differs from the one asked for. When the last registration is
+// withdrawn the lease is revoked.
+//
+// Ownership: a key is written in a transaction that puts it only if it is
+// absent, carries a lease of this Registry, has no lease, or holds the same
+// address (a restarted process taking over its own endpoint). A key another
+// live lease holds at another address is not overwritten: Register fails
+// with an error wrapping registry.ErrConflict that names the holder's
+// lease. The registrar watches the service directories it has published
+// in; an instance deleted there is registered again, one overwritten by
+// another lease is lost with ErrConflict and is not taken back from that
+// lease (two registrars of one endpoint do not fight over it).
 //
 // Discovery lists the service directory, then watches it from the listed
-// revision + 1 with WithRequireLeader, so no event is missed between the
-// two. A compacted revision, a server whose revision went backwards (data
-// wiped) or a watch that stops answering progress requests ends the watch;
-// the shared layer then keeps the last list, marks it stale, and relists.
+// revision with WithRequireLeader (events of that revision, already in the
+// list, are skipped), so no event is missed between the two. Each watch
+// has a gRPC stream of its own. An idle watch asks the server for a
+// progress notification every ProgressInterval; if none comes within
+// ProgressTimeout it lists the service again: if that fails too (a frozen
+// or unreachable server), or the server's revision went backwards (data
+// wiped), the watch ends, and the shared layer keeps the last list, marks
+// it stale, and relists; if it succeeds, the watch delivers the list and
+// goes on from its revision. (etcd answers progress requests only for
+// watches that are in sync and start at or before its current revision;
+// a watch clientv3 resumed after a reconnection starts after it.)
 package etcd
 
 import (
@@ -43,11 +77,10 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
 
 	"github.com/rollcall-go/rollcall/registry"
 	"github.com/rollcall-go/rollcall/registry/driver"
@@ -69,10 +102,11 @@ type Options struct {
 	// TTL of the registration lease; driver.DefaultTTL when zero. etcd
 	// rounds it up to whole seconds and to its minimum TTL.
 	TTL time.Duration
-	// ProgressInterval is how often an idle watch asks the server for a
-	// progress notification, to notice a frozen server or lost data; 2s
-	// when zero. A watch whose request goes unanswered for ProgressTimeout
-	// (3s when zero) fails, and its watcher turns stale.
+	// ProgressInterval is how long a watch may be idle before it asks the
+	// server for a progress notification, to notice a frozen server or lost
+	// data; 2s when zero. A request unanswered for ProgressTimeout (3s when
+	// zero) makes the watch list its service again, with the same bound; a
+	// list that fails ends the watch, and its watcher turns stale.
 	ProgressInterval, ProgressTimeout time.Duration
 	// Logger receives the backend's log lines; slog.Default() when nil.
 	Logger *slog.Logger
@@ -86,14 +120,7 @@ func openURL(ctx context.Context, u *url.URL) (registry.Registry, error) {
 		return nil, err
 	}
 	cfg.Logger = zapLogger(opts.Logger)
-	// Notice a dead connection within seconds, and reconnect within about
-	// two seconds of the server coming back (gRPC's default backoff grows
-	// to two minutes).
-	cfg.DialKeepAliveTime, cfg.DialKeepAliveTimeout = 5*time.Second, 3*time.Second
-	cfg.DialOptions = append(cfg.DialOptions, grpc.WithConnectParams(grpc.ConnectParams{
-		Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
-		MinConnectTimeout: 3 * time.Second,
-	}))
+	Configure(&cfg)
 	// clientv3.New authenticates at once when given a user and password, so
 	// the client is made at first use: Open never dials.
 	where := registry.RedactURL(u)
@@ -121,7 +148,7 @@ func parseURL(u *url.URL) (clientv3.Config, *Options, error) {
 	opts := &Options{TTL: p.Duration("ttl", driver.DefaultTTL), Logger: slog.Default()}
 	useTLS := p.Bool("tls", false)
 	ca, cert, key := p.String("ca", ""), p.String("cert", ""), p.String("key", "")
-	cfg.DialTimeout = p.Duration("dial-timeout", 5*time.Second)
+	cfg.DialTimeout = p.Duration("dial-timeout", DefaultDialTimeout)
 	if err := p.Err(); err != nil {
 		return cfg, nil, err
 	}
@@ -192,6 +219,11 @@ func New(cli *clientv3.Client, opts *Options) (registry.Registry, error) {
 // newRegistry takes a client, or a dial function that makes one at first
 // use (and the registry then owns and closes it).
 func newRegistry(cli *clientv3.Client, dial func(context.Context) (*clientv3.Client, error), opts *Options) (registry.Registry, error) {
+	b := newBackend(cli, dial, opts)
+	return registry.New(b, &b.opts.Registry), nil
+}
+
+func newBackend(cli *clientv3.Client, dial func(context.Context) (*clientv3.Client, error), opts *Options) *backend {
 	var o Options
 	if opts != nil {
 		o = *opts
@@ -218,8 +250,8 @@ func newRegistry(cli *clientv3.Client, dial func(context.Context) (*clientv3.Cli
 		o.Registry.Logger = o.Logger
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	b := &backend{cli: cli, dial: dial, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, pubs: map[string]*publication{}}
-	return registry.New(b, &o.Registry), nil
+	return &backend{cli: cli, dial: dial, opts: o, log: o.Logger, ctx: ctx, cancel: cancel,
+		pubs: map[string]*publication{}, leases: map[clientv3.LeaseID]bool{}, takenBy: map[string]clientv3.LeaseID{}}
 }
 
 type backend struct {
@@ -232,10 +264,19 @@ type backend struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	sessMu sync.Mutex // held while granting; never under mu
-	mu     sync.Mutex
-	sess   *session
-	pubs   map[string]*publication // by key
+	ttlLogged  atomic.Bool  // the granted TTL was logged
+	progressed atomic.Int64 // progress notifications received, for tests
+
+	streamsMu   sync.Mutex
+	freeStreams []string // watch stream names no watch uses now
+	nStreams    int      // watch stream names made
+
+	sessMu  sync.Mutex // held while granting; never under mu
+	mu      sync.Mutex
+	sess    *session
+	pubs    map[string]*publication     // by key
+	leases  map[clientv3.LeaseID]bool   // every lease this backend was granted
+	takenBy map[string]clientv3.LeaseID // key -> the other lease that overwrote this backend's publication of it
 }
 
 var (
@@ -289,40 +330,20 @@ func (b *backend) connect(ctx context.Context) error {
 	}
 	cli, err := b.dial(ctx)
 	if err != nil {
-		return unavailable(err)
+		return classify(err)
 	}
 	b.cli = cli
 	return nil
 }
 
-// Ping asks the endpoints for their status until one answers.
+// Ping reads the prefix key (count only) with a linearizable read: the
+// server answers, has a leader, and lets this client read the prefix.
 func (b *backend) Ping(ctx context.Context) error {
 	if err := b.connect(ctx); err != nil {
 		return err
 	}
-	eps := b.cli.Endpoints()
-	if len(eps) == 0 {
-		return errors.New("etcd: no endpoints")
-	}
-	var errs []error
-	for _, ep := range eps {
-		if _, err := b.cli.Status(ctx, ep); err == nil {
-			return nil
-		} else {
-			errs = append(errs, err)
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-	}
-	return unavailable(errors.Join(errs...))
-}
-
-func unavailable(err error) error {
-	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		return err
-	}
-	return fmt.Errorf("%w: etcd: %w", registry.ErrUnavailable, err)
+	_, err := b.cli.Get(clientv3.WithRequireLeader(ctx), b.opts.Prefix, clientv3.WithCountOnly())
+	return classify(err)
 }
 
 func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, error) {
@@ -330,6 +351,7 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	return list, err
 }
 
+// list returns the instances of service and the revision they were read at.
 func (b *backend) list(ctx context.Context, service string) ([]driver.Instance, int64, error) {
 	if err := b.connect(ctx); err != nil {
 		return nil, 0, err
@@ -337,7 +359,7 @@ func (b *backend) list(ctx context.Context, service string) ([]driver.Instance, 
 	dir := b.dir(service)
 	resp, err := b.cli.Get(clientv3.WithRequireLeader(ctx), dir, clientv3.WithPrefix())
 	if err != nil {
-		return nil, 0, unavailable(err)
+		return nil, 0, classify(err)
 	}
 	out := make([]driver.Instance, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
@@ -360,9 +382,10 @@ func (b *backend) Close() error {
 	var err error
 	if ss != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_, err = cli.Revoke(ctx, ss.id)
+		if _, rerr := cli.Revoke(ctx, ss.id); rerr != nil && !isLeaseNotFound(rerr) {
+			err = classify(rerr)
+		}
 		cancel()
-		err = unavailable(err)
 	}
 	b.wg.Wait()
 	if b.dial != nil && cli != nil {

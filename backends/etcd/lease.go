@@ -2,14 +2,16 @@ package etcd
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
-	"sync/atomic"
+	"fmt"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/rollcall-go/rollcall/registry"
 	"github.com/rollcall-go/rollcall/registry/driver"
 )
 
@@ -19,16 +21,25 @@ var (
 	ErrKeyGone   = errors.New("etcd: key deleted or overwritten by someone else")
 )
 
+var (
+	errWithdrawn       = errors.New("etcd: withdrawn")
+	errNoRegistrations = errors.New("etcd: no registrations left")
+)
+
 // session is the backend's lease and the loops that keep and guard it.
+// Its mutable fields are guarded by b.mu.
 type session struct {
 	driver.Loss
-	n      int // publications in b.pubs using this session; guarded by b.mu
 	id     clientv3.LeaseID
+	ctx    context.Context // the keepalive's and the guards' (on a gRPC stream of their own); ends with the session
 	cancel context.CancelFunc
+	n      int             // publications in b.pubs using this session
+	guards map[string]bool // service directories guarded
+	retire bool            // no publication left: being revoked, never handed out again
 }
 
 // session returns the live session, granting a lease and starting its
-// keepalive and key guard if there is none.
+// keepalive if there is none.
 func (b *backend) session(ctx context.Context) (*session, error) {
 	b.sessMu.Lock()
 	defer b.sessMu.Unlock()
@@ -49,109 +60,159 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 	if err != nil {
 		return nil, err
 	}
-	kctx, cancel := context.WithCancel(b.ctx)
-	ka, err := b.cli.KeepAlive(kctx, grant.ID)
+	if granted := time.Duration(grant.TTL) * time.Second; granted != b.opts.TTL && b.ttlLogged.CompareAndSwap(false, true) {
+		b.log.Info("etcd: the server granted another lease TTL than the one asked for (whole seconds, at least its minimum TTL)",
+			"asked", b.opts.TTL, "granted", granted)
+	}
+	sctx, cancel := context.WithCancel(clientv3.WithRequireLeader(b.withStream(b.ctx, fmt.Sprintf("lease-%x", grant.ID))))
+	ka, err := b.cli.KeepAlive(sctx, grant.ID)
 	if err != nil {
 		cancel()
 		return nil, err
 	}
-	ss := &session{id: grant.ID, cancel: cancel}
+	ss := &session{id: grant.ID, ctx: sctx, cancel: cancel, guards: map[string]bool{}}
 	b.mu.Lock()
 	b.sess = ss
+	b.leases[grant.ID] = true
 	b.mu.Unlock()
-	b.wg.Add(2)
-	go b.keepAlive(kctx, ss, ka)
-	go b.guard(kctx, ss, grant.Revision)
+	b.wg.Add(1)
+	go b.keepAlive(ss, ka)
 	return ss, nil
 }
 
 // keepAlive drains clientv3's keepalive responses. The channel closes when
 // the lease is gone or was not renewed within its TTL (clientv3 gives up
 // then): the session is lost.
-func (b *backend) keepAlive(ctx context.Context, ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse) {
+func (b *backend) keepAlive(ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse) {
 	defer b.wg.Done()
 	for range ka {
 	}
-	if ctx.Err() == nil {
+	if ss.ctx.Err() == nil {
 		b.loseSession(ss, ErrLeaseLost)
 	}
 }
 
-// guard watches the prefix for deletions or overwrites of this session's
-// keys. After a watch failure it checks every key it holds.
-func (b *backend) guard(ctx context.Context, ss *session, rev int64) {
+// guardLocked starts watching service's directory for deletions and
+// overwrites of ss's keys, from revision rev on, unless it is watched
+// already. b.mu is held.
+func (b *backend) guardLocked(ss *session, service string, rev int64) {
+	if ss.guards[service] || ss.ctx.Err() != nil {
+		return
+	}
+	ss.guards[service] = true
+	b.wg.Add(1)
+	go b.guard(ss, service, rev)
+}
+
+// guard watches one service directory for deletions of ss's keys and for
+// writes of them by another lease, from revision rev on. The watch starts
+// at a revision it has seen (never past the server's current revision,
+// which etcd would not report progress for); events it sees again are
+// harmless, since a loss counts only for a put older than it. After the
+// watch fails it checks the keys it holds there, and watches again from the
+// revision it checked at.
+func (b *backend) guard(ss *session, service string, rev int64) {
 	defer b.wg.Done()
-	for attempt := 0; ctx.Err() == nil; attempt++ {
-		wch := b.cli.Watch(clientv3.WithRequireLeader(ctx), b.opts.Prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+	dir := b.dir(service)
+	for attempt := 0; ss.ctx.Err() == nil; attempt++ {
+		wch := b.cli.Watch(ss.ctx, dir, clientv3.WithPrefix(), clientv3.WithRev(rev))
 		for resp := range wch {
 			if err := resp.Err(); err != nil {
 				break
 			}
 			attempt = 0
 			for _, ev := range resp.Events {
-				if ev.Kv.ModRevision > rev {
-					rev = ev.Kv.ModRevision
-				}
-				if ev.Type == mvccpb.DELETE || clientv3.LeaseID(ev.Kv.Lease) != ss.id {
-					b.keyGone(ss, string(ev.Kv.Key), ev.Kv.ModRevision)
+				rev = max(rev, ev.Kv.ModRevision)
+				if ev.Type == mvccpb.DELETE {
+					b.keyGone(ss, string(ev.Kv.Key), ev.Kv.ModRevision, 0)
+				} else if lease := clientv3.LeaseID(ev.Kv.Lease); lease != ss.id {
+					b.keyGone(ss, string(ev.Kv.Key), ev.Kv.ModRevision, lease)
 				}
 			}
 		}
-		if ctx.Err() != nil || ss.IsLost() {
+		if ss.ctx.Err() != nil || ss.IsLost() {
 			return
 		}
-		// The watch ended (compaction, lost leader): re-check every key.
-		delay := time.Duration(min(attempt+1, 10)) * 200 * time.Millisecond
-		t := time.NewTimer(delay)
+		// The watch ended (compaction, lost leader, no permission): check
+		// every key held there.
+		t := time.NewTimer(time.Duration(min(attempt+1, 10)) * 200 * time.Millisecond)
 		select {
-		case <-ctx.Done():
+		case <-ss.ctx.Done():
 			t.Stop()
 			return
 		case <-t.C:
 		}
-		r, err := b.verify(ctx, ss)
-		if err == nil {
+		if r, err := b.verify(ss, service); err == nil {
 			rev = r
 		}
 	}
 }
 
-// verify checks that every key of ss still carries ss's lease and returns
-// the revision it read at.
-func (b *backend) verify(ctx context.Context, ss *session) (int64, error) {
+// verify checks that every key of ss in service's directory still carries
+// ss's lease and returns the revision it read at.
+func (b *backend) verify(ss *session, service string) (int64, error) {
+	ctx, cancel := context.WithTimeout(ss.ctx, b.opts.ProgressTimeout)
+	defer cancel()
+	dir := b.dir(service)
+	resp, err := b.cli.Get(ctx, dir, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return 0, err
+	}
+	held := make(map[string]clientv3.LeaseID, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		held[string(kv.Key)] = clientv3.LeaseID(kv.Lease)
+	}
 	b.mu.Lock()
 	var keys []string
 	for k, p := range b.pubs {
-		if p.sess == ss {
+		if p.sess == ss && p.service == service {
 			keys = append(keys, k)
 		}
 	}
 	b.mu.Unlock()
-	resp, err := b.cli.Get(clientv3.WithRequireLeader(ctx), b.opts.Prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	if err != nil {
-		return 0, err
-	}
-	have := make(map[string]bool, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		have[string(kv.Key)] = clientv3.LeaseID(kv.Lease) == ss.id
-	}
 	for _, k := range keys {
-		if !have[k] {
-			b.keyGone(ss, k, resp.Header.Revision)
+		if lease, ok := held[k]; !ok || lease != ss.id {
+			b.keyGone(ss, k, resp.Header.Revision, lease)
 		}
 	}
 	return resp.Header.Revision, nil
 }
 
-// keyGone reports that key was deleted or overwritten at revision rev; a
-// publication made after that is not affected.
-func (b *backend) keyGone(ss *session, key string, rev int64) {
+// keyGone reports that key was deleted (by is 0) or written with lease by
+// at revision rev. Only a publication of ss whose put is older is lost; one
+// whose put is still in flight decides when it knows its revision.
+func (b *backend) keyGone(ss *session, key string, rev int64, by clientv3.LeaseID) {
 	b.mu.Lock()
 	p := b.pubs[key]
-	b.mu.Unlock()
-	if p != nil && p.sess == ss && rev > p.rev.Load() {
-		p.Lose(ErrKeyGone)
+	if p == nil || p.sess != ss {
+		b.mu.Unlock()
+		return
 	}
+	if p.rev == 0 {
+		if rev > p.goneAt {
+			p.goneAt, p.goneBy = rev, by
+		}
+		b.mu.Unlock()
+		return
+	}
+	if rev <= p.rev {
+		b.mu.Unlock()
+		return
+	}
+	err := b.lossLocked(key, by)
+	b.mu.Unlock()
+	p.Lose(err)
+}
+
+// lossLocked is why a publication of key is lost to a deletion (by 0) or a
+// write by another lease; b.mu is held. A lease that took the key over is
+// remembered: publishing the key again does not take it back from it.
+func (b *backend) lossLocked(key string, by clientv3.LeaseID) error {
+	if by == 0 || b.leases[by] {
+		return ErrKeyGone
+	}
+	b.takenBy[key] = by
+	return fmt.Errorf("%w: etcd: %s was written by lease %x: %w", registry.ErrConflict, key, int64(by), ErrKeyGone)
 }
 
 func (b *backend) loseSession(ss *session, err error) {
@@ -179,44 +240,119 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		// The lease was revoked or expired under us: one more try with a new one.
 		p, err = b.publish(ctx, inst)
 	}
-	return p, unavailable(err)
+	if err != nil {
+		return nil, classify(err)
+	}
+	return p, nil
 }
 
-func (b *backend) publish(ctx context.Context, inst driver.Instance) (driver.Publication, error) {
+func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publication, error) {
 	val, err := encode(inst)
 	if err != nil {
 		return nil, err
 	}
-	ss, err := b.session(ctx)
-	if err != nil {
-		return nil, err
-	}
 	key := b.key(inst)
-	p := &publication{b: b, key: key, sess: ss}
-	b.mu.Lock()
-	old := b.pubs[key]
-	b.pubs[key] = p
-	ss.n++
-	if old != nil {
-		old.sess.n--
+	var p *publication
+	for p == nil {
+		ss, err := b.session(ctx)
+		if err != nil {
+			return nil, err
+		}
+		b.mu.Lock()
+		if !ss.retire && !ss.IsLost() {
+			p = &publication{b: b, key: key, service: inst.Service, sess: ss}
+			old := b.pubs[key]
+			b.pubs[key] = p
+			ss.n++
+			if old != nil {
+				old.sess.n--
+				defer old.Lose(errors.New("etcd: replaced by a newer registration"))
+			}
+		}
+		b.mu.Unlock()
+		// A session being retired or lost meanwhile: the next call to
+		// session grants another.
 	}
-	b.mu.Unlock()
-	if old != nil {
-		old.Lose(errors.New("etcd: replaced by a newer registration"))
-	}
-	resp, err := b.cli.Put(clientv3.WithRequireLeader(ctx), key, val, clientv3.WithLease(ss.id))
+	rev, err := b.put(ctx, p, val, inst.Addr)
 	if err != nil {
 		b.forget(p)
 		if isLeaseNotFound(err) {
-			b.loseSession(ss, ErrLeaseLost)
+			b.loseSession(p.sess, ErrLeaseLost)
 		}
 		return nil, err
 	}
-	p.rev.Store(resp.Header.Revision)
-	if ss.IsLost() {
-		p.Lose(ss.Err())
+	b.mu.Lock()
+	p.rev = rev
+	lost := p.goneAt > rev
+	var lossErr error
+	if lost {
+		lossErr = b.lossLocked(key, p.goneBy)
+	} else {
+		delete(b.takenBy, key)
+	}
+	b.guardLocked(p.sess, inst.Service, rev)
+	b.mu.Unlock()
+	if lost {
+		p.Lose(lossErr)
+	}
+	if p.sess.IsLost() {
+		p.Lose(p.sess.Err())
 	}
 	return p, nil
+}
+
+// put writes p's key with p's lease, in a transaction that succeeds only
+// if the key is absent or this backend may take it over (mayTake), and
+// returns the revision of the write.
+func (b *backend) put(ctx context.Context, p *publication, val, addr string) (int64, error) {
+	cmp := clientv3.Compare(clientv3.CreateRevision(p.key), "=", 0)
+	ctx = clientv3.WithRequireLeader(ctx)
+	for range 5 {
+		resp, err := b.cli.Txn(ctx).If(cmp).
+			Then(clientv3.OpPut(p.key, val, clientv3.WithLease(p.sess.id))).
+			Else(clientv3.OpGet(p.key)).
+			Commit()
+		if err != nil {
+			return 0, err
+		}
+		if resp.Succeeded {
+			return resp.Header.Revision, nil
+		}
+		kvs := resp.Responses[0].GetResponseRange().GetKvs()
+		if len(kvs) == 0 { // deleted since
+			cmp = clientv3.Compare(clientv3.CreateRevision(p.key), "=", 0)
+			continue
+		}
+		if err := b.mayTake(kvs[0], addr); err != nil {
+			return 0, err
+		}
+		cmp = clientv3.Compare(clientv3.ModRevision(p.key), "=", kvs[0].ModRevision)
+	}
+	return 0, fmt.Errorf("etcd: %s changed under every attempt to write it", p.key)
+}
+
+// mayTake reports, with an error wrapping registry.ErrConflict, whether the
+// existing kv belongs to another live registrar at another address: a key
+// with no lease, a lease of this backend or the same address may be
+// written; a key that another lease took over from this backend is left to
+// it.
+func (b *backend) mayTake(kv *mvccpb.KeyValue, addr string) error {
+	lease := clientv3.LeaseID(kv.Lease)
+	b.mu.Lock()
+	ours, taken := b.leases[lease], b.takenBy[string(kv.Key)] == lease
+	b.mu.Unlock()
+	if lease == 0 || ours {
+		return nil
+	}
+	var v value
+	_ = json.Unmarshal(kv.Value, &v)
+	if taken {
+		return fmt.Errorf("%w: etcd: %s was taken over by lease %x (address %s); not taking it back", registry.ErrConflict, kv.Key, int64(lease), v.Addr)
+	}
+	if v.Addr == addr {
+		return nil
+	}
+	return fmt.Errorf("%w: etcd: %s is held by lease %x at another address (%s)", registry.ErrConflict, kv.Key, int64(lease), v.Addr)
 }
 
 var errLeaseNotFound = rpctypes.ErrLeaseNotFound
@@ -225,6 +361,8 @@ func isLeaseNotFound(err error) bool {
 	return errors.Is(err, errLeaseNotFound)
 }
 
+// forget drops p from the publications (once) and reports whether its
+// session has none left.
 func (b *backend) forget(p *publication) (last bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -238,53 +376,94 @@ func (b *backend) forget(p *publication) (last bool) {
 type publication struct {
 	driver.Loss // Lost and Err
 	b           *backend
-	rev         atomic.Int64 // revision of the last put of this publication
 	key         string
+	service     string
 	sess        *session
+	// Guarded by b.mu: the revision of the last put of this publication (0
+	// while the first is in flight), and the latest deletion or foreign
+	// write the guard saw meanwhile.
+	rev    int64
+	goneAt int64
+	goneBy clientv3.LeaseID
 }
 
+// Update writes inst over the key if it still carries the publication's
+// lease. If it does not (deleted, or taken by someone else), the
+// publication is lost instead and Update returns nil: the registration
+// publishes inst again, under the ownership rules of Publish.
 func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	val, err := encode(inst)
 	if err != nil {
 		return err
 	}
-	resp, err := p.b.cli.Put(clientv3.WithRequireLeader(ctx), p.key, val, clientv3.WithLease(p.sess.id))
+	b := p.b
+	resp, err := b.cli.Txn(clientv3.WithRequireLeader(ctx)).
+		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id)).
+		Then(clientv3.OpPut(p.key, val, clientv3.WithLease(p.sess.id))).
+		Else(clientv3.OpGet(p.key, clientv3.WithKeysOnly())).
+		Commit()
 	if err != nil {
-		return unavailable(err)
+		return classify(err)
 	}
-	p.rev.Store(resp.Header.Revision)
+	if !resp.Succeeded {
+		var by clientv3.LeaseID
+		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+			by = clientv3.LeaseID(kvs[0].Lease)
+		}
+		b.mu.Lock()
+		lossErr := b.lossLocked(p.key, by)
+		b.mu.Unlock()
+		p.Lose(lossErr)
+		return nil
+	}
+	b.mu.Lock()
+	p.rev = max(p.rev, resp.Header.Revision)
+	b.mu.Unlock()
 	return nil
 }
 
 // Withdraw deletes the key if it still carries this session's lease, and
-// revokes the lease when no publication needs it any more.
+// revokes the lease when no publication needs it any more. Each step is
+// safe to repeat: a Withdraw that failed may be called again, and returns
+// nil once the key is gone and the lease, if it was the last publication's,
+// revoked.
 func (p *publication) Withdraw(ctx context.Context) error {
-	last := p.b.forget(p)
-	p.Lose(errors.New("etcd: withdrawn"))
 	b := p.b
+	last := b.forget(p)
+	p.Lose(errWithdrawn)
 	_, err := b.cli.Txn(clientv3.WithRequireLeader(ctx)).
 		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id)).
 		Then(clientv3.OpDelete(p.key)).
 		Commit()
 	if err != nil {
-		return unavailable(err)
+		return classify(err)
 	}
 	if last {
-		b.sessMu.Lock() // no session handed out meanwhile
-		b.mu.Lock()
-		current := b.sess == p.sess && p.sess.n == 0
-		if current {
-			b.sess = nil
-		}
+		return b.retire(ctx, p.sess)
+	}
+	return nil
+}
+
+// retire revokes ss once no publication uses it. It is safe to repeat
+// until it succeeds.
+func (b *backend) retire(ctx context.Context, ss *session) error {
+	b.sessMu.Lock() // no session handed out meanwhile
+	b.mu.Lock()
+	if ss.n > 0 {
 		b.mu.Unlock()
 		b.sessMu.Unlock()
-		if current {
-			p.sess.Lose(errors.New("etcd: no registrations left"))
-			p.sess.cancel()
-			if _, err := b.cli.Revoke(ctx, p.sess.id); err != nil && !isLeaseNotFound(err) {
-				return unavailable(err)
-			}
-		}
+		return nil
+	}
+	ss.retire = true
+	if b.sess == ss {
+		b.sess = nil
+	}
+	b.mu.Unlock()
+	b.sessMu.Unlock()
+	ss.Lose(errNoRegistrations)
+	ss.cancel()
+	if _, err := b.cli.Revoke(ctx, ss.id); err != nil && !isLeaseNotFound(err) {
+		return classify(err)
 	}
 	return nil
 }
