@@ -98,3 +98,18 @@ type NamespaceMaker interface {
 type RestrictedMaker interface {
 	MakeRestrictedRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error)
 }
+
+// ConnectionBound is implemented by harnesses whose registrations belong to
+// the client's connection (Nacos 2.x ephemeral instances): a server that
+// restarts, even with its data kept, knows no instance until each
+// registrar has reconnected and registered again, so the first list after a
+// restart may be short. Subtests then require the exact list eventually
+// instead of in the first update.
+type ConnectionBound interface {
+	RegistrationsAreConnectionBound() bool
+}
+
+func connectionBound(h Harness) bool {
+	cb, ok := h.(ConnectionBound)
+	return ok && cb.RegistrationsAreConnectionBound()
+}
