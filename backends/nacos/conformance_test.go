@@ -181,3 +181,8 @@ func (h *harness) Close() {}
 func TestConformance(t *testing.T) {
 	conformance.RunConformanceTests(t, newHarness)
 }
+
+// RegistrationsAreConnectionBound: Nacos 2.x ephemeral instances belong to
+// the SDK's connection, so a restarted server lists them only once each
+// client has reconnected and redone its registrations.
+func (h *harness) RegistrationsAreConnectionBound() bool { return true }
