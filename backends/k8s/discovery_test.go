@@ -210,7 +210,7 @@ func lookupIDs(t *testing.T, r registry.Registry, service string) []string {
 }
 
 func TestDiscovery(t *testing.T) {
-	env := startKube(t, "alice", "bob", "carol", "dave")
+	env := startKube(t, "alice", "bob", "carol", "dave", "frank")
 	t.Run("PlainServicePortsByNameNumberOrAll", func(t *testing.T) { testPlainService(t, env) })
 	t.Run("SlicesOfAServiceAreMerged", func(t *testing.T) { testMultiSlice(t, env) })
 	t.Run("ConditionsReadyServingTerminating", func(t *testing.T) { testConditions(t, env) })
@@ -222,6 +222,7 @@ func TestDiscovery(t *testing.T) {
 	t.Run("WatchOutlivesOpeningCtx", func(t *testing.T) { testWatchOutlivesOpeningCtx(t, env) })
 	t.Run("DuplicateIDIsAConflict", func(t *testing.T) { testDuplicateIDIsAConflict(t, env) })
 	t.Run("RacingDuplicatesLeaveOne", func(t *testing.T) { testRacingDuplicatesLeaveOne(t, env) })
+	t.Run("WithdrawDeletesTheLeaseOrFails", func(t *testing.T) { testWithdrawDeletesTheLeaseOrFails(t, env) })
 }
 
 func testPlainService(t *testing.T, env *kubeEnv) {

@@ -79,8 +79,11 @@
 // spec.renewTime, and one list of its own slices to notice those deleted
 // behind its back. The slices are owned by the Lease (ownerReference), so
 // that where the garbage collector runs, deleting the Lease deletes them.
-// The Lease is kept while the Registry is open, also without registrations;
-// Close deletes it and the slices.
+// The Lease is created by the first registration and deleted with the last
+// withdrawal (a Registry holding no registration renews nothing); a
+// withdrawal that cannot delete it fails, and succeeds only once it is
+// deleted when repeated (the shared layer repeats it) or by Close. Close
+// deletes the Lease first, then its slices, within RequestTimeout.
 //
 // A Lease is expired when renewTime + leaseDurationSeconds + ClockSkew (1s by
 // default) is in the past by the discoverer's clock. A slice whose Lease is
@@ -412,9 +415,10 @@ func newRegistry(cs kubernetes.Interface, own *ownClient, opts *Options) (regist
 		cs: cs, own: own, ns: o.Namespace, opts: o,
 		log: o.Logger.With("backend", Scheme, "namespace", o.Namespace),
 		ctx: ctx, cancel: cancel,
-		pubs:    map[[2]string]*publication{},
-		gcBusy:  map[string]bool{},
-		streams: map[*stream]struct{}{},
+		pubs:     map[[2]string]*publication{},
+		retiring: map[*session]struct{}{},
+		gcBusy:   map[string]bool{},
+		streams:  map[*stream]struct{}{},
 	}
 	return &kubeRegistry{Registry: registry.New(b, &o.Registry), b: b}, nil
 }
@@ -437,6 +441,7 @@ type backend struct {
 	closed   bool
 	crashed  bool
 	sess     *session
+	retiring map[*session]struct{} // out of use; Lease not yet deleted
 	pubs     map[[2]string]*publication
 	gcBusy   map[string]bool // Lease or slice names being garbage-collected
 	down     bool            // the API server did not answer the last call
@@ -520,22 +525,36 @@ func (b *backend) Ping(ctx context.Context) error {
 	return b.wrap(ctx, "list", resSlices, err)
 }
 
-// Close deletes the Lease and whatever slices are still tied to it, stops
-// every goroutine, and closes the connections of a client of its own.
+// Close deletes the Lease and whatever slices are still tied to it (and
+// the Leases of withdrawals that could not delete theirs), stops every
+// goroutine, and closes the connections of a client of its own. The
+// deletions get one RequestTimeout in all: Close comes after the shared
+// layer spent its CloseTimeout withdrawing, and what it cannot delete
+// expires with its Lease.
 func (b *backend) Close() error {
 	b.mu.Lock()
-	ss, crashed := b.sess, b.crashed
+	crashed := b.crashed
+	var left []*session
+	if b.sess != nil {
+		left = append(left, b.sess)
+	}
+	for ss := range b.retiring {
+		left = append(left, ss)
+	}
 	b.sess = nil
+	b.retiring = map[*session]struct{}{}
 	b.closed = true
 	b.mu.Unlock()
-	var err error
-	if ss != nil && !crashed {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*b.opts.RequestTimeout)
-		err = b.revoke(ctx, ss)
+	var errs []error
+	if !crashed && len(left) > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), b.opts.RequestTimeout)
+		for _, ss := range left {
+			errs = append(errs, b.revoke(ctx, ss))
+		}
 		cancel()
 	}
 	b.cancel()
 	b.wg.Wait()
 	b.own.close()
-	return err
+	return errors.Join(errs...)
 }

@@ -45,10 +45,29 @@ func randomHex(n int) string {
 	return hex.EncodeToString(buf)
 }
 
-// session returns the live session, creating a Lease if needed.
-func (b *backend) session(ctx context.Context) (*session, error) {
+// attach ties p to the live session, creating a Lease if needed, and
+// records p as the publication of its instance; it returns the publication
+// p replaces, if any. Both happen under sessMu, so that the withdrawal of
+// the session's last other publication (releaseIfUnused) cannot delete the
+// Lease in between.
+func (b *backend) attach(ctx context.Context, p *publication) (old *publication, err error) {
 	b.sessMu.Lock()
 	defer b.sessMu.Unlock()
+	ss, err := b.session(ctx)
+	if err != nil {
+		return nil, err
+	}
+	p.sess = ss
+	b.mu.Lock()
+	old = b.pubs[p.key]
+	b.pubs[p.key] = p
+	b.mu.Unlock()
+	return old, nil
+}
+
+// session returns the live session, creating a Lease if needed. sessMu is
+// held.
+func (b *backend) session(ctx context.Context) (*session, error) {
 	b.mu.Lock()
 	cur, crashed, closed := b.sess, b.crashed, b.closed
 	b.mu.Unlock()
@@ -244,23 +263,27 @@ func (b *backend) listSliceMeta(ctx context.Context, selector string) ([]metav1.
 	return list.Items, nil
 }
 
-// revoke deletes the session's Lease and the slices still tied to it.
+// revoke deletes the session's Lease, then the slices still tied to it. The
+// Lease goes first: its deletion alone makes every slice tied to it no
+// instance, for every discoverer at once (and hands the slices to the
+// garbage collector, and to the watchers that find them). It is safe to
+// repeat: what is gone already counts as deleted.
 func (b *backend) revoke(ctx context.Context, ss *session) error {
 	ss.Lose(errors.New("k8s: closed"))
-	var errs []error
-	if list, err := b.listSliceMeta(ctx, LabelLease+"="+ss.name); err == nil {
-		for _, m := range list {
-			if err := b.deleteSlice(ctx, m.Name, m.UID); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	} else {
-		errs = append(errs, b.wrap(ctx, "list", resSlices, err))
-	}
 	uid := ss.uid
 	err := b.cs.CoordinationV1().Leases(b.ns).Delete(ctx, ss.name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
 	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
-		errs = append(errs, b.wrap(ctx, "delete", resLeases, err))
+		return b.wrap(ctx, "delete", resLeases, err)
+	}
+	list, err := b.listSliceMeta(ctx, LabelLease+"="+ss.name)
+	if err != nil {
+		return b.wrap(ctx, "list", resSlices, err)
+	}
+	var errs []error
+	for _, m := range list {
+		if err := b.deleteSlice(ctx, m.Name, m.UID); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -377,20 +400,18 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err := b.conflict(ctx, probe, b.leaseName(), nil); err != nil {
 		return nil, err
 	}
-	ss, err := b.session(ctx)
+	p := &publication{b: b, key: [2]string{inst.Service, inst.ID}, t: t}
+	old, err := b.attach(ctx, p)
 	if err != nil {
 		return nil, err
 	}
+	ss := p.sess
 	es, err := b.buildSlice(t, inst, ss)
 	if err != nil {
+		b.forget(p)
+		_ = b.releaseIfUnused(ctx, ss)
 		return nil, err
 	}
-	k := [2]string{inst.Service, inst.ID}
-	p := &publication{b: b, key: k, t: t, sess: ss}
-	b.mu.Lock()
-	old := b.pubs[k]
-	b.pubs[k] = p
-	b.mu.Unlock()
 	if old != nil {
 		old.Lose(errors.New("k8s: replaced by a newer registration"))
 		if name, uid, _ := old.current(); old.sess != ss && name != "" {
@@ -657,25 +678,37 @@ func (p *publication) Withdraw(ctx context.Context) error {
 
 // releaseIfUnused deletes the session's Lease once no publication uses it,
 // so that a Registry holding no registration renews nothing; the next
-// Publish creates a new Lease.
+// Publish creates a new Lease. A session taken out of use is retiring until
+// its Lease and slices are deleted: a failed deletion is tried again by the
+// next call (the shared layer repeats a failed Withdraw) and by Close, and
+// until then the call fails, so that no Lease is left behind.
 func (b *backend) releaseIfUnused(ctx context.Context, ss *session) error {
 	b.sessMu.Lock() // no session handed out meanwhile
 	b.mu.Lock()
-	unused := b.sess == ss && !b.crashed && !b.closed
+	inUse := false
 	for _, q := range b.pubs {
-		if !unused {
+		if q.sess == ss {
+			inUse = true
 			break
 		}
-		unused = q.sess != ss
 	}
-	if unused {
+	if !inUse && b.sess == ss && !b.crashed && !b.closed {
 		b.sess = nil
+		b.retiring[ss] = struct{}{}
 	}
+	_, retire := b.retiring[ss]
+	retire = retire && !inUse
 	b.mu.Unlock()
 	b.sessMu.Unlock()
-	if !unused {
+	if !retire {
 		return nil
 	}
 	b.log.Debug("k8s: no registrations left; deleting the lease", "lease", ss.name)
-	return b.revoke(ctx, ss)
+	if err := b.revoke(ctx, ss); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	delete(b.retiring, ss)
+	b.mu.Unlock()
+	return nil
 }

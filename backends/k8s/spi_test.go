@@ -3,9 +3,13 @@ package k8s
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
+
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/rollcall-go/rollcall/internal/testserver"
 	"github.com/rollcall-go/rollcall/registry"
@@ -139,5 +143,81 @@ func testRacingDuplicatesLeaveOne(t *testing.T, env *kubeEnv) {
 	}
 	if ok != 1 || conflict != 1 || len(list.Items) != 1 {
 		t.Fatalf("%d published, %d refused, %d slices; want 1, 1, 1", ok, conflict, len(list.Items))
+	}
+}
+
+// testWithdrawDeletesTheLeaseOrFails: when the last withdrawal of a
+// Registry cannot delete its Lease, Withdraw fails, and keeps failing when
+// repeated, until the Lease is deleted; then it returns nil and nothing of
+// the registration is left. Close deletes such a Lease too. The Lease's
+// deletion is refused by RBAC (frank may do everything but delete Leases)
+// until the test grants it.
+func testWithdrawDeletesTheLeaseOrFails(t *testing.T, env *kubeEnv) {
+	ns := env.namespace(t)
+	rules := func(leaseVerbs ...string) []rbacv1.PolicyRule {
+		return []rbacv1.PolicyRule{
+			{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"get", "list", "watch", "create", "update", "patch", "delete"}},
+			{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: leaseVerbs},
+		}
+	}
+	grant(t, env, ns, "frank", rules("get", "list", "watch", "create", "update", "patch")...)
+	a := env.open(t, "frank", ns, 3*time.Second)
+	b := env.open(t, "frank", ns, 3*time.Second)
+	ctx := ctxFor(t, time.Minute)
+	var pubs []driver.Publication
+	for i, r := range []*kubeRegistry{a, b} {
+		var pub driver.Publication
+		var err error
+		waitFor(t, 10*time.Second, "frank's Role to take effect", func() bool {
+			pub, err = r.b.Publish(ctx, driver.Instance{Service: "wd", ID: fmt.Sprintf("i%d", i), Addr: fmt.Sprintf("10.8.2.%d:80", i+1)})
+			return err == nil
+		})
+		pubs = append(pubs, pub)
+	}
+	count := func(what string) (leases, slices int) {
+		t.Helper()
+		ll, err := env.admin.CoordinationV1().Leases(ns).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sl, err := env.admin.DiscoveryV1().EndpointSlices(ns).List(ctx, metav1.ListOptions{LabelSelector: LabelManagedBy + "=" + ManagedBy})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ll.Items), len(sl.Items)
+	}
+	for i, pub := range pubs {
+		for attempt := range 2 {
+			err := pub.Withdraw(ctx)
+			if attempt == 0 {
+				wantForbidden(t, "Withdraw of the last registration", err, "delete", resLeases)
+			} else if err == nil {
+				t.Fatalf("Withdraw %d of publication %d returned nil, but its Lease could not be deleted", attempt+1, i)
+			}
+		}
+	}
+	if l, s := count("after the refused withdrawals"); l != 2 || s != 0 {
+		t.Fatalf("after the refused withdrawals: %d Leases and %d slices, want 2 and 0", l, s)
+	}
+	// Allowed at last: a's Withdraw succeeds, b's Close deletes its Lease.
+	role, err := env.admin.RbacV1().Roles(ns).Get(ctx, "frank", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	role.Rules = rules("get", "list", "watch", "create", "update", "patch", "delete")
+	if _, err := env.admin.RbacV1().Roles(ns).Update(ctx, role, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "a repeated Withdraw to succeed once Leases may be deleted", func() bool {
+		return pubs[0].Withdraw(ctx) == nil
+	})
+	if l, _ := count("after a's withdrawal"); l != 1 {
+		t.Fatalf("after a successful Withdraw %d Leases remain, want b's only", l)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if l, s := count("after b's Close"); l != 0 || s != 0 {
+		t.Fatalf("after the withdrawal and the Close: %d Leases and %d slices, want none", l, s)
 	}
 }
