@@ -73,7 +73,11 @@
 // registrar took it over (see Duplicate IDs). A renewal the ACLs refuse loses
 // the session with registry.ErrPermission. Deregister removes the service from
 // the agent at once, unless another registrar holds it by then; it may be
-// repeated after it failed. Close removes the session. A crashed process stops
+// repeated after it failed. Close removes the session, or fails its check if
+// a withdrawal failed, so that what is left is critical at once (the agent
+// does not re-evaluate an alias check when its aliased service goes; a lost
+// session is failed, not removed, for the same reason, and Consul reaps it
+// after deregister_after). A crashed process stops
 // renewing: after one TTL its session, and with it every alias check, turns
 // critical, which removes its instances from every watcher; the agent reaps
 // them after deregister_after (Consul reaps every 30 s or so, with a minimum
@@ -624,26 +628,40 @@ func (b *backend) Ping(ctx context.Context) error {
 	return b.wrap(ctx, "ping", err)
 }
 
-// Close removes the session's heartbeat from the agent, and stops the
-// renewal loop and every watch. Package registry has withdrawn the
-// publications before.
+// Close stops the renewal loop and every watch, then removes the session's
+// heartbeat from the agent. Package registry has withdrawn the publications
+// before; if one of those withdrawals failed, the heartbeat is failed
+// instead of removed: the agent does not re-evaluate an alias check when its
+// service goes (it keeps its last status, or passes: "no checks found", for
+// up to a minute), so an instance left behind would stay visible, while a
+// failed heartbeat makes it critical at once (and Consul reaps both after
+// deregister_after). Requests the agent did not answer in time may still
+// reach it later: a late renewal then only delays that by one TTL.
 func (b *backend) Close() error {
 	b.sessMu.Lock() // no session being registered
 	b.mu.Lock()
 	b.closed = true
 	ss := b.sess
 	b.sess = nil
+	leftover := len(b.pubs) > 0
 	b.mu.Unlock()
 	b.sessMu.Unlock()
-	var err error
-	if ss != nil && !ss.IsLost() {
+	live := ss != nil && !ss.IsLost()
+	if live {
 		ss.Lose(errClosed)
+	}
+	b.cancel() // the renewal loop stops renewing
+	b.wg.Wait()
+	var err error
+	if live {
 		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
-		err = b.deregisterSession(ctx, ss)
+		if leftover {
+			err = b.failSession(ctx, ss)
+		} else {
+			err = b.deregisterSession(ctx, ss)
+		}
 		cancel()
 	}
-	b.cancel()
-	b.wg.Wait()
 	if b.ownTransport != nil {
 		b.ownTransport.CloseIdleConnections()
 	}

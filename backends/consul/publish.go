@@ -134,8 +134,8 @@ func (b *backend) localHealth(ctx context.Context, sid string) (*api.AgentServic
 	return nil, b.wrap(ctx, "reading registration "+sid, err)
 }
 
-// loseSession marks ss and every publication on it lost, and removes its
-// heartbeat from the agent in the background.
+// loseSession marks ss and every publication on it lost, and fails its
+// heartbeat in the background (see dropSession).
 func (b *backend) loseSession(ss *session, err error) {
 	if ss.IsLost() {
 		return
@@ -155,14 +155,37 @@ func (b *backend) loseSession(ss *session, err error) {
 	b.dropSession(ss)
 }
 
-// dropSession deregisters a lost session's heartbeat, best effort, in the
-// background. Only goroutines of the backend's WaitGroup call it.
+// dropSession fails a lost session's heartbeat, best effort, in the
+// background, so that any instance still aliasing it (one whose
+// re-registration has not happened yet, or fails) is critical, not passing.
+// The heartbeat is not removed: the agent does not re-evaluate alias checks
+// reliably when their service goes (see Close); it reaps the failed heartbeat
+// after deregister_after. A session whose check is gone is removed. Only
+// goroutines of the backend's WaitGroup call it.
 func (b *backend) dropSession(ss *session) {
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
-		_ = b.deregisterSession(b.ctx, ss)
+		if errors.Is(ss.Err(), ErrSessionGone) {
+			// Its check is gone: a heartbeat service left without one
+			// would never be reaped (and its aliases pass: "no checks
+			// found"), so it is removed.
+			_ = b.deregisterSession(b.ctx, ss)
+			return
+		}
+		_ = b.failSession(b.ctx, ss)
 	}()
+}
+
+// failSession marks the session's TTL check critical.
+func (b *backend) failSession(ctx context.Context, ss *session) error {
+	ctx, cancel := context.WithTimeout(ctx, b.opts.RequestTimeout)
+	defer cancel()
+	err := b.c.Agent().UpdateTTLOpts(ss.cid, "rollcall: the registrar gave this session up", api.HealthCritical, (&api.QueryOptions{}).WithContext(ctx))
+	if err == nil || isStatus(err, 404) {
+		return nil
+	}
+	return fmt.Errorf("consul: failing session %s: %w", ss.sid, err)
 }
 
 func (b *backend) deregisterSession(ctx context.Context, ss *session) error {
