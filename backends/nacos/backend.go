@@ -12,6 +12,7 @@ import (
 
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client/naming_cache"
+	"github.com/nacos-group/nacos-sdk-go/v2/common/remote/rpc"
 	"github.com/nacos-group/nacos-sdk-go/v2/vo"
 
 	"github.com/rollcall-go/rollcall/registry"
@@ -79,6 +80,24 @@ type backend struct {
 	downGen  uint64 // incremented when the server becomes unreachable
 	downErr  error
 	healthCh chan struct{} // closed and replaced on every change
+	// connGen is incremented when the SDK replaces its connection: the
+	// server dropped the old one's subscriptions, and maybe (after its
+	// restart) every client's instances, until they redo.
+	connGen uint64
+	// synced: the SDK is connected and has done its redo on this
+	// connection (its lists are the server's). Cleared when the SDK is seen
+	// not running or closes its connection, set after its redo.
+	synced bool
+}
+
+// healthView is what health returns.
+type healthView struct {
+	up      bool // the server answers the probe
+	synced  bool // see backend.synced
+	gen     uint64
+	connGen uint64
+	changed <-chan struct{} // closed at the next change
+	err     error           // why it is down
 }
 
 var (
@@ -95,7 +114,7 @@ func newBackend(cli naming_client.INamingClient, mk func() (naming_client.INamin
 		cluster: o.Cluster, filter: o.Cluster, ttl: o.TTL, mk: mk, own: mk != nil, cli: cli,
 		ctx: ctx, cancel: cancel,
 		subs: map[string]*subscription{}, nameLocks: map[string]*sync.Mutex{}, svcs: map[string]*svcState{},
-		up: true, healthCh: make(chan struct{}),
+		up: true, synced: true, healthCh: make(chan struct{}),
 	}
 	if b.cluster == "" {
 		b.cluster = DefaultCluster
@@ -167,11 +186,18 @@ func (b *backend) create(done chan struct{}) {
 // start begins the health probe and the maintenance loop (counted in wg by
 // the caller), and hooks the SDK's connection events.
 func (b *backend) start(cli naming_client.INamingClient) {
-	if !hookConnection(cli, connListener{b}) {
+	rc, ok := rpcClient(cli)
+	if ok {
+		rc.RegisterConnectionListener(connListener{b})
+		if !rc.IsRunning() {
+			b.setSynced(false, false) // until its first connection is up and redone
+		}
+	} else {
+		rc = nil
 		b.log.Debug("nacos: cannot see the SDK's connection events; relying on pushed lists to notice lost registrations")
 	}
 	go b.probeLoop(cli)
-	go b.maintain(cli)
+	go b.maintain(cli, rc)
 }
 
 // spawn runs f in a goroutine counted in wg, unless the backend is closed.
@@ -189,12 +215,40 @@ func (b *backend) spawn(f func()) bool {
 	return true
 }
 
-// health reports whether the server answers, the down generation, a channel
-// closed at the next change, and why it is down.
-func (b *backend) health() (up bool, gen uint64, ch <-chan struct{}, err error) {
+// health reports whether the server answers, whether the SDK's lists are
+// current, the down and connection generations, a channel closed at the
+// next change, and why the server is down.
+func (b *backend) health() healthView {
 	b.hmu.Lock()
 	defer b.hmu.Unlock()
-	return b.up, b.downGen, b.healthCh, b.downErr
+	return healthView{up: b.up, synced: b.synced, gen: b.downGen, connGen: b.connGen, changed: b.healthCh, err: b.downErr}
+}
+
+// setSynced records whether the SDK is connected and done with its redo;
+// replaced marks a new connection (see connGen).
+func (b *backend) setSynced(synced, replaced bool) {
+	b.hmu.Lock()
+	defer b.hmu.Unlock()
+	if b.synced == synced && !replaced {
+		return
+	}
+	b.synced = synced
+	if replaced {
+		b.connGen++
+	}
+	close(b.healthCh)
+	b.healthCh = make(chan struct{})
+}
+
+// watchSDK clears synced when the SDK is not running: it lost its
+// connection, and whatever it holds may be stale until it reconnects and
+// redoes (onConnected). The SDK has no event for the loss itself (it reports
+// DISCONNECTED only once a new connection is up), so this is looked at on
+// every maintenance tick.
+func (b *backend) watchSDK(rc *rpc.RpcClient) {
+	if rc != nil && !rc.IsRunning() {
+		b.setSynced(false, false)
+	}
 }
 
 func (b *backend) setHealth(up bool, err error) {
@@ -296,6 +350,7 @@ func (b *backend) onDisconnected() {
 	b.mu.Lock()
 	b.disconnected = true
 	b.mu.Unlock()
+	b.setSynced(false, true)
 }
 
 // onConnected runs on the SDK's event goroutine after the SDK's own redo.
@@ -307,6 +362,7 @@ func (b *backend) onConnected() {
 	re := b.disconnected && !b.closed
 	b.disconnected = false
 	b.mu.Unlock()
+	b.setSynced(true, false)
 	if re {
 		b.log.Info("nacos: the SDK reconnected; registrations are re-published")
 		b.loseAll(errReconnected)
@@ -329,7 +385,7 @@ func (b *backend) loseAll(err error) {
 }
 
 // maintain reaps unused subscriptions and resends what failed to be sent.
-func (b *backend) maintain(cli naming_client.INamingClient) {
+func (b *backend) maintain(cli naming_client.INamingClient, rc *rpc.RpcClient) {
 	defer b.wg.Done()
 	t := time.NewTicker(tick)
 	defer t.Stop()
@@ -339,8 +395,9 @@ func (b *backend) maintain(cli naming_client.INamingClient) {
 			return
 		case <-t.C:
 		}
+		b.watchSDK(rc)
 		now := time.Now()
-		up, _, _, _ := b.health()
+		up := b.health().up
 		var reap []*subscription
 		var resend []*svcState
 		b.mu.Lock()

@@ -125,12 +125,19 @@ func NewClient(opts ClientOptions) (*Client, error) {
 }
 
 // CloseClient closes the SDK client and stops its UDP push receiver. It is
-// idempotent.
+// idempotent. Closing a client that is reconnecting waits, up to a few
+// seconds, for the SDK's attempt in flight, to close the connection it may
+// still make (see reapLateConnection).
 func (c *Client) CloseClient() {
 	c.closeOnce.Do(func() {
+		rc, hooked := rpcClient(c.INamingClient)
+		reconnecting := hooked && !rc.IsRunning() // a connection attempt may be under way
 		sdkMu.Lock()
 		c.INamingClient.CloseClient()
 		sdkMu.Unlock()
+		if reconnecting {
+			reapLateConnection(rc)
+		}
 		wakeUDPReceivers(c.udpPorts)
 		removeSecret(c.cfg.Password)
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,6 +25,9 @@ type harness struct {
 	t   *testing.T
 	srv provider.Nacos // in process, or a container (ROLLCALL_TEST_SERVERS=containers)
 	dir string
+
+	mu   sync.Mutex
+	made []registry.Registry // every registry made, closed by Close
 }
 
 func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
@@ -64,7 +68,15 @@ func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry
 		cli.CloseClient()
 		return nil, err
 	}
-	return ownedRegistry{r, cli}, nil
+	return h.keep(ownedRegistry{r, cli}), nil
+}
+
+// keep notes r for Close.
+func (h *harness) keep(r registry.Registry) registry.Registry {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.made = append(h.made, r)
+	return r
 }
 
 var _ conformance.NamespaceMaker = (*harness)(nil)
@@ -81,7 +93,7 @@ func (h *harness) MakeRegistryIn(ctx context.Context, ttl time.Duration, namespa
 		cli.CloseClient()
 		return nil, err
 	}
-	return ownedRegistry{r, cli}, nil
+	return h.keep(ownedRegistry{r, cli}), nil
 }
 
 // Crash closes the SDK client without deregistering anything: its
@@ -174,9 +186,20 @@ func (h *harness) WriteGarbage(_ context.Context, service string) error {
 	return nil
 }
 
-// Close does nothing: every registry the suite makes is closed by the suite,
-// which closes its client, and the server stops when the test ends.
-func (h *harness) Close() {}
+// Close closes every registry the harness made (Close is idempotent): a
+// subtest that is skipped or fails before its own cleanup would otherwise
+// leave an SDK client that keeps reconnecting to the server the subtest
+// stops at its end, in whatever test runs next (under -race, the SDK's
+// reconnect path has races of its own; see child_test.go).
+func (h *harness) Close() {
+	h.mu.Lock()
+	made := h.made
+	h.made = nil
+	h.mu.Unlock()
+	for _, r := range made {
+		_ = r.Close()
+	}
+}
 
 func TestConformance(t *testing.T) {
 	conformance.RunConformanceTests(t, newHarness)

@@ -1,14 +1,20 @@
 package nacos
 
 import (
+	"os"
 	"reflect"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
+
+	"google.golang.org/grpc"
 
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client/naming_cache"
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client/naming_grpc"
+	"github.com/nacos-group/nacos-sdk-go/v2/common/constant"
 	"github.com/nacos-group/nacos-sdk-go/v2/common/remote/rpc"
 )
 
@@ -134,3 +140,86 @@ type connListener struct{ b *backend }
 
 func (l connListener) OnConnected()  { l.b.onConnected() }
 func (l connListener) OnDisConnect() { l.b.onDisconnected() }
+
+// The SDK's reconnect loop (RpcClient.reconnect, on a goroutine of its own)
+// does not look at the client's shutdown once a connection attempt is under
+// way: an attempt that succeeds after Shutdown installs its new connection
+// (a grpc.ClientConn with a bidirectional stream) as the current one, sets
+// the status back to RUNNING, and nothing ever closes it. A client closed
+// while reconnecting (the server stopped, paused, or just back) would keep a
+// live connection, and its grpc goroutines, for the life of the process.
+//
+// reapLateConnection, called after the SDK's CloseClient of a client that
+// was not RUNNING (so an attempt may be under way), waits for that attempt
+// to end, up to the longest an attempt takes (its server check's timeout and
+// the setup's pause, plus a margin): if the status turns RUNNING again, the
+// attempt succeeded and its connection, read after that atomic store (which
+// the SDK makes after installing it), is closed and the status put back to
+// SHUTDOWN, so that the connection's stream goroutine ends without asking
+// for another reconnect. The SDK's queued connection events are drained
+// meanwhile, so that the attempt's CONNECTED event never blocks it.
+func reapLateConnection(rc *rpc.RpcClient) {
+	deadline := time.Now().Add(attemptBound())
+	status, ok := unexported(reflect.ValueOf(rc).Elem(), "rpcClientStatus")
+	if !ok || status.Kind() != reflect.Int32 {
+		return
+	}
+	ptr := (*int32)(unsafe.Pointer(status.UnsafeAddr()))
+	events, _ := unexported(reflect.ValueOf(rc).Elem(), "eventChan")
+	for {
+		if events.IsValid() && events.Kind() == reflect.Chan {
+			for {
+				if _, ok := events.TryRecv(); !ok {
+					break
+				}
+			}
+		}
+		if atomic.LoadInt32(ptr) == int32(rpc.RUNNING) {
+			closeCurrentConnection(rc)
+			atomic.StoreInt32(ptr, int32(rpc.SHUTDOWN))
+			return
+		}
+		if time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(reapPoll) // polling the SDK's status, which has no event for this
+	}
+}
+
+// reapPoll is how often reapLateConnection looks at the SDK's status.
+const reapPoll = 20 * time.Millisecond
+
+// attemptBound is the longest one SDK connection attempt takes: its server
+// check waits up to the SDK's initial gRPC timeout (the
+// nacos.remote.client.grpc.timeout environment variable, 3 s by default),
+// then the connection setup pauses 100 ms; the margin covers the dial.
+func attemptBound() time.Duration {
+	ms := int64(constant.DEFAULT_TIMEOUT_MILLS)
+	if v, err := strconv.ParseInt(os.Getenv("nacos.remote.client.grpc.timeout"), 10, 64); err == nil && v > 0 {
+		ms = v
+	}
+	return time.Duration(ms)*time.Millisecond + time.Second
+}
+
+// closeCurrentConnection closes the grpc.ClientConn of rc's current
+// connection (rpc.Connection.conn).
+func closeCurrentConnection(rc *rpc.RpcClient) {
+	cur, ok := unexported(reflect.ValueOf(rc).Elem(), "currentConnection")
+	if !ok || cur.IsNil() {
+		return
+	}
+	v := cur.Elem() // the dynamic value: *rpc.GrpcConnection
+	for v.Kind() == reflect.Pointer || v.Kind() == reflect.Interface {
+		if v.IsNil() {
+			return
+		}
+		v = v.Elem()
+	}
+	conn, ok := unexported(v, "conn") // promoted from the embedded *rpc.Connection
+	if !ok {
+		return
+	}
+	if cc, ok := conn.Interface().(*grpc.ClientConn); ok && cc != nil {
+		_ = cc.Close()
+	}
+}

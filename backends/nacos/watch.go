@@ -459,13 +459,15 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	if err != nil {
 		return nil, err
 	}
-	if up, _, _, herr := b.health(); !up {
-		return nil, herr
+	if h := b.health(); !h.up {
+		return nil, h.err
+	} else if !h.synced {
+		return nil, errNotSynced
 	}
 	if rc, ok := rpcClient(cli); ok && !rc.IsRunning() {
 		// The SDK lost its connection (its list may be stale), and the
 		// probe has not yet seen the server gone for long.
-		return nil, fmt.Errorf("%w: nacos: the SDK is not connected to the server", registry.ErrUnavailable)
+		return nil, errNotSynced
 	}
 	s := b.acquireSub(service)
 	defer b.releaseSub(s)
@@ -489,9 +491,21 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 	return &stream{b: b, s: s, done: make(chan struct{})}, nil
 }
 
+var (
+	errNotSynced    = fmt.Errorf("%w: nacos: the SDK is not connected to the server (or has not yet redone its subscriptions)", registry.ErrUnavailable)
+	errConnReplaced = fmt.Errorf("%w: nacos: the SDK's connection to the server was replaced: the server dropped this client's "+
+		"subscription with the old one (and, after a restart, every client's instances until they redo); listing again", registry.ErrUnavailable)
+)
+
 // stream is one watch of a subscription. It fails when the server becomes
-// unreachable after its first event; a stream opened while the server is
-// unreachable waits for it.
+// unreachable after its first event, and when the SDK replaces its
+// connection: what the server showed meanwhile (a restarted server lists
+// nothing until every client has redone its registrations) is a
+// resynchronisation, which the shared layer handles as one (the watcher is
+// stale, and removals of instances listed before are held back for its
+// resync grace), not a change to pass on. A stream opened while the server
+// is unreachable, or before the SDK has redone its subscriptions on a new
+// connection, waits for them.
 type stream struct {
 	b         *backend
 	s         *subscription
@@ -500,23 +514,31 @@ type stream struct {
 
 	started bool
 	gen     uint64 // backend down generation when the stream started
+	connGen uint64 // backend connection generation when the stream started
 	ver     uint64
 	last    map[string]driver.Instance
 }
 
 func (st *stream) Next(ctx context.Context) (driver.Event, error) {
 	for {
-		up, gen, hch, herr := st.b.health()
+		// The list first: a list applied after a connection was replaced
+		// (the SDK's redo applies the new connection's lists after the
+		// DISCONNECTED event) is then always seen with the new generation.
 		snap, ver, ready, ch := st.s.view()
-		if st.started && (!up || gen != st.gen) {
-			if herr == nil {
-				herr = fmt.Errorf("%w: nacos: the server was unreachable", registry.ErrUnavailable)
+		h := st.b.health()
+		if st.started && (!h.up || h.gen != st.gen) {
+			err := h.err
+			if err == nil {
+				err = fmt.Errorf("%w: nacos: the server was unreachable", registry.ErrUnavailable)
 			}
-			return driver.Event{}, herr
+			return driver.Event{}, err
 		}
-		if up && ready {
+		if st.started && h.connGen != st.connGen {
+			return driver.Event{}, errConnReplaced
+		}
+		if h.up && ready && (st.started || h.synced) {
 			if !st.started {
-				st.started, st.gen, st.ver, st.last = true, gen, ver, snap
+				st.started, st.gen, st.connGen, st.ver, st.last = true, h.gen, h.connGen, ver, snap
 				return driver.ResetEvent(sortedList(snap)), nil
 			}
 			if ver != st.ver {
@@ -530,7 +552,7 @@ func (st *stream) Next(ctx context.Context) (driver.Event, error) {
 		}
 		select {
 		case <-ch:
-		case <-hch:
+		case <-h.changed:
 		case <-ctx.Done():
 			return driver.Event{}, ctx.Err()
 		case <-st.done:
