@@ -56,8 +56,12 @@
 // loop renews the heartbeat's TTL check every TTL/3 and, before that, reads
 // the agent's TTL and alias checks: two requests per TTL/3 however many
 // instances the Registry holds (a TTL check per instance would cost one
-// request, and on a server agent one fsync, per instance and per round). A
-// renewal that fails is retried before the next round is due (at once after
+// request, and on a server agent one fsync, per instance and per round). The
+// agent answers a registration before it has synced it to the catalog, which
+// List and Watch read: Register (and Update) return once the catalog lists
+// the instance as registered, which a blocking query on it tells within
+// milliseconds. Before it writes, Register reads what holds the instance
+// already (see Duplicate IDs). A renewal that fails is retried before the next round is due (at once after
 // a timeout, with a backoff from 100ms after a quick failure), and the first
 // renewal after a failure renews before it reads, so that an agent that comes
 // back from a pause or a partition finds its session renewed within moments:

@@ -6,8 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
@@ -56,7 +58,7 @@ const retryMin = 100 * time.Millisecond
 type session struct {
 	driver.Loss
 	sid, cid string
-	node     string // the agent's node name; empty if it could not be read
+	node, dc string // the agent's node name and datacenter; empty if they could not be read
 }
 
 type publication struct {
@@ -88,10 +90,15 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		return nil, err
 	}
 	ss := &session{sid: reg.ID, cid: reg.Check.CheckID}
-	// The agent's node name, for telling registrations on other nodes
-	// apart (it needs no ACL right beyond reading the session).
-	if info, err := b.localHealth(ctx, ss.sid); err == nil && info != nil && len(info.Checks) > 0 {
-		ss.node = info.Checks[0].Node
+	// The agent's node name and datacenter, for reading its registrations
+	// in the catalog (it needs no ACL right beyond reading the session).
+	if info, err := b.localHealth(ctx, ss.sid); err == nil && info != nil {
+		if len(info.Checks) > 0 && info.Checks[0] != nil {
+			ss.node = info.Checks[0].Node
+		}
+		if info.Service != nil {
+			ss.dc = info.Service.Datacenter
+		}
 	}
 	b.mu.Lock()
 	if b.closed {
@@ -229,6 +236,10 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		b.forget(p)
 		return nil, err
 	}
+	if err := b.visible(ctx, ss, reg); err != nil {
+		b.forget(p)
+		return nil, err
+	}
 	b.mu.Lock()
 	p.live = true
 	delete(b.takenOver, p.sid)
@@ -268,7 +279,7 @@ func (b *backend) claim(ctx context.Context, ss *session, reg *api.AgentServiceR
 	}
 	qctx, cancel := b.bound(ctx, b.opts.RequestTimeout)
 	defer cancel()
-	q := &api.QueryOptions{Filter: fmt.Sprintf("Service.ID == %q and Node.Node != %q", reg.ID, ss.node)}
+	q := &api.QueryOptions{Filter: fmt.Sprintf("Service.ID == %q and Node.Node != %q", reg.ID, ss.node), Datacenter: ss.dc}
 	entries, _, err := b.c.Health().Service(reg.Name, "", true, q.WithContext(qctx))
 	if err != nil {
 		return b.wrap(ctx, "register", err)
@@ -327,7 +338,63 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	if reg.ID != p.sid {
 		return fmt.Errorf("consul: update of %s with another instance %s", p.sid, reg.ID)
 	}
-	return p.b.register(ctx, reg)
+	if err := p.b.register(ctx, reg); err != nil {
+		return err
+	}
+	return p.b.visible(ctx, p.sess, reg)
+}
+
+// visible waits until the catalog lists reg as the agent registered it:
+// passing, with its check and its address, tags, metadata and weight. The
+// agent answers a registration before it has synced it to the catalog
+// (anti-entropy, a few milliseconds later), and List and Watch read the
+// catalog: Publish and Update return once they would see it. It reads the
+// instance alone, in the agent's datacenter, from index 0 and then with
+// blocking queries, bounded by ctx. near=_agent keeps these queries off the
+// agent's streaming backend, which does not say when ACLs hid an entry: a
+// registrar's token without node:read cannot see its own registration, and
+// then there is nothing to wait for.
+func (b *backend) visible(ctx context.Context, ss *session, reg *api.AgentServiceRegistration) error {
+	filter := fmt.Sprintf("Service.ID == %q", reg.ID)
+	if ss.node != "" {
+		filter += fmt.Sprintf(" and Node.Node == %q", ss.node)
+	}
+	var index uint64
+	for {
+		qctx, cancel := b.bound(ctx, b.wait+b.wait/16+time.Second)
+		q := &api.QueryOptions{Filter: filter, Datacenter: ss.dc, Near: "_agent", WaitIndex: index, WaitTime: b.wait}
+		entries, meta, err := b.c.Health().Service(reg.Name, "", true, q.WithContext(qctx))
+		cancel()
+		if err != nil {
+			return b.wrap(ctx, "waiting for "+reg.ID+" in the catalog", err)
+		}
+		for _, e := range entries {
+			if synced(e, reg) {
+				return nil
+			}
+		}
+		if meta.ResultsFilteredByACLs {
+			return nil // registered; this token may not see it
+		}
+		// Index rules as in a watch: never below 1, from 0 when it goes
+		// backwards.
+		if idx := max(meta.LastIndex, 1); idx < index {
+			index = 0
+		} else {
+			index = idx
+		}
+	}
+}
+
+// synced reports whether the catalog entry e is the registration reg.
+func synced(e *api.ServiceEntry, reg *api.AgentServiceRegistration) bool {
+	s := e.Service
+	if s == nil || s.ID != reg.ID || s.Address != reg.Address || s.Port != reg.Port ||
+		!slices.Equal(s.Tags, reg.Tags) || !maps.Equal(s.Meta, reg.Meta) ||
+		reg.Weights != nil && s.Weights.Passing != reg.Weights.Passing {
+		return false
+	}
+	return ownCheck(e.Checks, reg.Check.CheckID)
 }
 
 // Withdraw deregisters the service from the agent, unless a newer
