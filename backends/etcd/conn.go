@@ -32,8 +32,10 @@ const DefaultDialTimeout = 3 * time.Second
 //     still wait for a connection.
 //   - One connection attempt may take cfg.DialTimeout (DefaultDialTimeout
 //     when zero); attempts are retried with a backoff of 100ms growing to
-//     2s, so a client reconnects within about two seconds of the server
-//     coming back (gRPC's own backoff grows to two minutes).
+//     1s, so a client reconnects within about a second of the server coming
+//     back (gRPC's own backoff grows to two minutes), and renews its lease
+//     before a restarted etcd, which extends every lease by about its TTL,
+//     lets it expire.
 //   - Keepalive pings every 5s, answered within 3s, notice a dead or frozen
 //     connection (unless cfg sets DialKeepAliveTime itself).
 func Configure(cfg *clientv3.Config) {
@@ -45,7 +47,7 @@ func Configure(cfg *clientv3.Config) {
 	}
 	cfg.DialOptions = append(cfg.DialOptions,
 		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
+			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 			MinConnectTimeout: cfg.DialTimeout,
 		}),
 		grpc.WithChainUnaryInterceptor(failFast))

@@ -40,7 +40,12 @@
 // TTL (1.5 election timeouts, rounded up: 2s with etcd's defaults), so
 // ttl=500ms becomes 2s there; the granted TTL is logged once, at INFO, when
 // it differs from the one asked for. When the last registration is
-// withdrawn the lease is revoked.
+// withdrawn the lease is revoked. A lease clientv3 could not renew within
+// its TTL (the server was unreachable) makes its registrations lost, so
+// their Status says so; the backend keeps renewing it, and the
+// registrations publish again under it if it is still alive (a restarted
+// etcd extends every lease by about its TTL; the instances then never
+// disappear), or under a new lease if the server says it is gone.
 //
 // Ownership: a key is written in a transaction that puts it only if it is
 // absent, carries a lease of this Registry, has no lease, or holds the same

@@ -28,6 +28,13 @@ var (
 
 // session is the backend's lease and the loops that keep and guard it.
 // Its mutable fields are guarded by b.mu.
+//
+// A session whose keepalive got no answer within the TTL is unrenewed: its
+// publications are lost (the registrations say so and publish again), but
+// the lease may well be alive (etcd extends every lease when it restarts, a
+// frozen server expires nothing), so the session keeps trying to renew it
+// and is handed out again once it did. It is dead (Lost) only when the
+// server says the lease is gone, or when it is retired.
 type session struct {
 	driver.Loss
 	id     clientv3.LeaseID
@@ -36,6 +43,7 @@ type session struct {
 	n      int             // publications in b.pubs using this session
 	guards map[string]bool // service directories guarded
 	retire bool            // no publication left: being revoked, never handed out again
+	stale  bool            // unrenewed: the keepalive got no answer within the TTL
 }
 
 // session returns the live session, granting a lease and starting its
@@ -45,9 +53,22 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 	defer b.sessMu.Unlock()
 	b.mu.Lock()
 	cur := b.sess
+	stale := cur != nil && cur.stale
 	b.mu.Unlock()
 	if cur != nil && !cur.IsLost() {
-		return cur, nil
+		if !stale {
+			return cur, nil
+		}
+		// Renew the lease before granting another: if it is alive, the
+		// instances it holds never went away.
+		err := b.renew(ctx, cur)
+		if err == nil {
+			return cur, nil
+		}
+		if !isLeaseNotFound(err) {
+			return nil, err
+		}
+		b.loseSession(cur, ErrLeaseLost)
 	}
 	if b.ctx.Err() != nil {
 		return nil, errors.New("etcd: backend closed")
@@ -82,14 +103,86 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 
 // keepAlive drains clientv3's keepalive responses. The channel closes when
 // the lease is gone or was not renewed within its TTL (clientv3 gives up
-// then): the session is lost.
+// then, without saying which): keepAlive asks the server by renewing it
+// once. Gone: the session is dead. No answer: the session is unrenewed
+// (its publications are lost) and keeps renewing until the server answers.
+// Renewed: clientv3 keeps it alive again.
 func (b *backend) keepAlive(ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse) {
 	defer b.wg.Done()
-	for range ka {
+	for {
+		for range ka {
+		}
+		if ss.ctx.Err() != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(ss.ctx, time.Second)
+		err := b.renew(ctx, ss)
+		cancel()
+		if err != nil && !isLeaseNotFound(err) {
+			b.unrenewed(ss)
+			for err != nil && !isLeaseNotFound(err) && ss.ctx.Err() == nil {
+				// renew waits for a connection; an error that came at once
+				// is tried again shortly.
+				t := time.NewTimer(200 * time.Millisecond)
+				select {
+				case <-ss.ctx.Done():
+				case <-t.C:
+				}
+				t.Stop()
+				err = b.renew(ss.ctx, ss)
+			}
+		}
+		if ss.ctx.Err() != nil {
+			return
+		}
+		if err != nil { // the lease is gone
+			b.loseSession(ss, ErrLeaseLost)
+			return
+		}
+		if ka, err = b.cli.KeepAlive(ss.ctx, ss.id); err != nil {
+			if ss.ctx.Err() == nil {
+				b.loseSession(ss, fmt.Errorf("%w: %w", ErrLeaseLost, err))
+			}
+			return
+		}
 	}
-	if ss.ctx.Err() == nil {
-		b.loseSession(ss, ErrLeaseLost)
+}
+
+// unrenewed marks ss stale and loses its publications: nobody knows
+// whether the server still has them.
+func (b *backend) unrenewed(ss *session) {
+	b.mu.Lock()
+	ss.stale = true
+	var lost []*publication
+	for _, p := range b.pubs {
+		if p.sess == ss {
+			lost = append(lost, p)
+		}
 	}
+	b.mu.Unlock()
+	err := fmt.Errorf("%w: not renewed within its TTL (%v); renewing it again", ErrLeaseLost, b.opts.TTL)
+	for _, p := range lost {
+		p.Lose(err)
+	}
+}
+
+// renew renews ss's lease once, waiting for a connection for at most ctx
+// and the TTL. On success ss is fresh again; an error wrapping
+// rpctypes.ErrLeaseNotFound means the lease is gone.
+func (b *backend) renew(ctx context.Context, ss *session) error {
+	ctx, cancel := context.WithTimeout(ctx, b.opts.TTL)
+	defer cancel()
+	if _, err := b.cli.KeepAliveOnce(ctx, ss.id); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	was := ss.stale
+	ss.stale = false
+	b.mu.Unlock()
+	if was {
+		b.log.Info("etcd: lease renewed after going unrenewed for longer than its TTL", "lease", fmt.Sprintf("%x", int64(ss.id)))
+	}
+	return nil
 }
 
 // guardLocked starts watching service's directory for deletions and
@@ -259,7 +352,7 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 			return nil, err
 		}
 		b.mu.Lock()
-		if !ss.retire && !ss.IsLost() {
+		if !ss.retire && !ss.IsLost() && !ss.stale {
 			p = &publication{b: b, key: key, service: inst.Service, sess: ss}
 			old := b.pubs[key]
 			b.pubs[key] = p
@@ -297,6 +390,12 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 	}
 	if p.sess.IsLost() {
 		p.Lose(p.sess.Err())
+	}
+	b.mu.Lock()
+	stale := p.sess.stale
+	b.mu.Unlock()
+	if stale {
+		p.Lose(fmt.Errorf("%w: not renewed within its TTL (%v)", ErrLeaseLost, b.opts.TTL))
 	}
 	return p, nil
 }
