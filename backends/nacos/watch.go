@@ -461,8 +461,6 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	}
 	if h := b.health(); !h.up {
 		return nil, h.err
-	} else if !h.synced {
-		return nil, errNotSynced
 	}
 	if rc, ok := rpcClient(cli); ok && !rc.IsRunning() {
 		// The SDK lost its connection (its list may be stale), and the
@@ -492,7 +490,7 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 }
 
 var (
-	errNotSynced    = fmt.Errorf("%w: nacos: the SDK is not connected to the server (or has not yet redone its subscriptions)", registry.ErrUnavailable)
+	errNotSynced    = fmt.Errorf("%w: nacos: the SDK is not connected to the server", registry.ErrUnavailable)
 	errConnReplaced = fmt.Errorf("%w: nacos: the SDK's connection to the server was replaced: the server dropped this client's "+
 		"subscription with the old one (and, after a restart, every client's instances until they redo); listing again", registry.ErrUnavailable)
 )
