@@ -389,3 +389,54 @@ func TestOpenErrorsHideSecrets(t *testing.T) {
 		t.Fatalf("Open error %v reveals the token", err)
 	}
 }
+
+// Consul's shape: the first list after an outage is complete, and only then
+// does the server fire the TTLs that ran out during the outage (removals),
+// followed at once by the renewals. The removals are held back for the
+// grace and never delivered.
+func TestResyncGraceHoldsRemovalsAfterACompleteFirstList(t *testing.T) {
+	ctx := testCtx(t)
+	renewed := make(chan struct{})
+	a, b := di("a", "127.0.0.1:1"), di("b", "127.0.0.1:2")
+	sc := &scripted{streams: [][]scriptStep{
+		{{ev: driver.ResetEvent([]driver.Instance{a, b})}, {err: errors.New("outage")}},
+		{
+			{ev: driver.ResetEvent([]driver.Instance{a, b})},
+			{ev: driver.ResetEvent([]driver.Instance{b})},
+			{ev: driver.ChangeEvent(driver.Delete("b"))},
+			{wait: renewed},
+			{ev: driver.ResetEvent([]driver.Instance{a, b})},
+		},
+	}}
+	r := registry.New(sc, fastOpts(time.Hour))
+	defer r.Close()
+	w, _ := r.Watch(ctx, "s")
+	sawHold := false
+	for {
+		u, err := w.Next(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(u.Removed) > 0 {
+			t.Fatalf("removed %v right after an outage: a TTL blip must not reach users", ids(u.Removed))
+		}
+		if u.Stale && u.Synced && u.Err != nil && strings.Contains(u.Err.Error(), "resynchronising") {
+			sawHold = true
+			if !slices.Equal(ids(u.Instances()), []string{"a", "b"}) {
+				t.Fatalf("held update shows %v", ids(u.Instances()))
+			}
+			select {
+			case <-renewed:
+			default:
+				close(renewed)
+			}
+			continue
+		}
+		if sawHold && !u.Stale {
+			if !slices.Equal(ids(u.Instances()), []string{"a", "b"}) {
+				t.Fatalf("after the renewals: %v", ids(u.Instances()))
+			}
+			return
+		}
+	}
+}

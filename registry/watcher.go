@@ -35,8 +35,9 @@ type Watcher struct {
 	err       error
 	lastStale bool            // Stale of the last delivered update
 	outage    bool            // the backend watch failed since the last Reset
-	inGrace   bool            // a resync grace is running (see Options.ResyncGrace)
-	held      map[string]bool // IDs held back during the grace
+	inGrace   bool            // a resync grace window is open (see Options.ResyncGrace)
+	pre       map[string]bool // IDs known when the window opened
+	held      map[string]bool // of those, the ones missing from the registry, kept meanwhile
 	graceGen  int
 	announce  bool // deliver an update even if nothing else changed (the stale reason did)
 
@@ -105,7 +106,7 @@ func sortByID(s []Instance) {
 func newWatcher(r *registry, service string) *Watcher {
 	ctx, cancel := context.WithCancel(r.ctx)
 	return &Watcher{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}), notify: make(chan struct{}, 1),
-		known: map[string]Instance{}, dirty: map[string]struct{}{}, delivered: map[string]Instance{}, held: map[string]bool{}}
+		known: map[string]Instance{}, dirty: map[string]struct{}{}, delivered: map[string]Instance{}, pre: map[string]bool{}, held: map[string]bool{}}
 }
 
 // Close stops the watch and waits for its goroutine. It is idempotent.
@@ -188,13 +189,34 @@ func (w *Watcher) setStale(err error) {
 	w.mu.Lock()
 	w.stale, w.err = true, err
 	w.outage = true
-	w.graceGen++ // a grace in progress ends with the next Reset instead
+	// A window in progress closes; what it held is still in known and
+	// belongs to the next window's instances known before the outage.
+	w.inGrace = false
+	w.graceGen++
+	clear(w.pre)
+	clear(w.held)
 	w.mu.Unlock()
 	w.wake()
 }
 
-// endGrace ends the resync grace started by generation gen: instances still
-// held back are removed and the watcher is fresh again.
+// openGrace opens the resync grace window after an outage: for
+// ResyncGrace, a removal of an instance known now is held back (the
+// instance stays listed and the watcher says Stale) and dropped if the
+// instance comes back. Called under mu.
+func (w *Watcher) openGraceLocked() {
+	w.inGrace = true
+	clear(w.pre)
+	clear(w.held)
+	for id := range w.known {
+		w.pre[id] = true
+	}
+	w.graceGen++
+	gen := w.graceGen
+	time.AfterFunc(w.r.opts.ResyncGrace, func() { w.endGrace(gen) })
+}
+
+// endGrace closes the window opened as generation gen: removals still held
+// back are delivered and the watcher is fresh again.
 func (w *Watcher) endGrace(gen int) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -207,9 +229,38 @@ func (w *Watcher) endGrace(gen int) {
 			w.dirty[id] = struct{}{}
 		}
 	}
+	w.inGrace = false
+	clear(w.pre)
 	clear(w.held)
-	w.inGrace, w.stale, w.err = false, false, nil
+	w.stale, w.err = false, nil
 	w.wakeLocked()
+}
+
+// hold reports whether the removal of id is held back by the grace window,
+// and records it. Called under mu.
+func (w *Watcher) holdLocked(id string) bool {
+	if !w.inGrace || !w.pre[id] {
+		return false
+	}
+	if _, ok := w.known[id]; ok {
+		w.held[id] = true
+	}
+	return true
+}
+
+// graceStaleLocked sets the stale state while a window is open: stale while
+// something is held back, fresh otherwise. Called under mu.
+func (w *Watcher) graceStaleLocked() {
+	if len(w.held) == 0 {
+		w.stale, w.err = false, nil
+		return
+	}
+	if !w.stale {
+		w.announce = true
+	}
+	w.stale = true
+	w.err = fmt.Errorf("%w: resynchronising after an outage: waiting up to %v for %d instance(s) to be renewed", ErrUnavailable, w.r.opts.ResyncGrace, len(w.held))
+	w.announce = true
 }
 
 // apply merges a backend event into known.
@@ -228,6 +279,7 @@ func (w *Watcher) apply(ev driver.Event) {
 			w.dirty[id] = struct{}{}
 		}
 	}
+	wasStale := w.stale
 	if ev.Reset {
 		fresh := make(map[string]Instance, len(ev.Instances))
 		for _, di := range ev.Instances {
@@ -235,76 +287,63 @@ func (w *Watcher) apply(ev driver.Event) {
 				fresh[in.ID] = in
 			}
 		}
-		// After an outage, instances known before it that the registry does
-		// not list now are held back for ResyncGrace while the watcher stays
-		// stale: their registrars are usually renewing or re-registering
-		// them this very moment.
-		grace := w.outage && w.synced && w.r.opts.ResyncGrace > 0
-		w.outage = false
-		if !grace && !w.inGrace {
-			clear(w.held)
+		// After an outage, removals of instances known before it are held
+		// back for ResyncGrace while the watcher stays stale: their
+		// registrars are usually renewing or re-registering them this very
+		// moment (a TTL that ran out during the outage fires on the server
+		// just after it answers again).
+		if w.outage && w.synced && w.r.opts.ResyncGrace > 0 {
+			w.openGraceLocked()
 		}
+		w.outage = false
 		for id := range w.known {
 			if _, ok := fresh[id]; ok {
-				delete(w.held, id)
 				continue
 			}
-			if grace || (w.inGrace && w.held[id]) {
-				w.held[id] = true
-				continue
+			if !w.holdLocked(id) {
+				del(id)
 			}
-			del(id)
 		}
 		for id, in := range fresh {
 			set(id, in)
+			delete(w.held, id)
 		}
 		w.synced = true
-		switch {
-		case len(w.held) == 0:
-			w.inGrace, w.stale, w.err = false, false, nil
-			w.graceGen++
-		case grace:
-			w.inGrace, w.stale, w.announce = true, true, true
-			w.err = fmt.Errorf("%w: resynchronising after an outage: waiting up to %v for %d instance(s) to be renewed", ErrUnavailable, w.r.opts.ResyncGrace, len(w.held))
-			w.graceGen++
-			gen := w.graceGen
-			time.AfterFunc(w.r.opts.ResyncGrace, func() { w.endGrace(gen) })
+		if w.inGrace {
+			w.graceStaleLocked()
+		} else {
+			w.stale, w.err = false, nil
 		}
 	} else {
 		// In order: a key deleted and put again in one batch ends present.
 		for _, c := range ev.Changes {
 			if c.Instance == nil {
-				if w.held[c.ID] {
-					continue // already missing; the grace decides
+				if !w.holdLocked(c.ID) {
+					del(c.ID)
 				}
-				del(c.ID)
 				continue
 			}
 			di := *c.Instance
 			if di.ID != c.ID {
 				w.r.log.Warn("registry: backend change names two IDs; treating it as a removal", "service", w.service, "id", c.ID, "instance", di.ID)
 				del(c.ID)
+				delete(w.held, c.ID)
 				continue
 			}
 			if in, ok := w.r.accept(w.service, di); ok {
 				set(in.ID, in)
-				if w.held[in.ID] {
-					delete(w.held, in.ID)
-				}
+				delete(w.held, in.ID)
 			} else if c.ID != "" {
 				// Overwritten by something invalid: the instance is gone.
 				del(c.ID)
 				delete(w.held, c.ID)
 			}
 		}
-		if w.inGrace && len(w.held) == 0 {
-			// Everything held back came back: fresh at once.
-			w.inGrace, w.stale, w.err = false, false, nil
-			w.graceGen++
-			w.wakeLocked()
+		if w.inGrace {
+			w.graceStaleLocked()
 		}
 	}
-	if len(w.dirty) > 0 || ev.Reset {
+	if len(w.dirty) > 0 || ev.Reset || w.stale != wasStale || w.announce {
 		w.wakeLocked()
 	}
 }

@@ -307,18 +307,15 @@ func (d *demo) stopEtcd() {
 // connections sev can sever to simulate a crash. The client reconnects
 // within a second of etcd coming back.
 func (d *demo) newRegistry(sev *severable) (registry.Registry, *clientv3.Client, error) {
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   []string{d.client},
-		DialTimeout: 5 * time.Second,
-		Logger:      zap.NewNop(),
-		DialOptions: []grpc.DialOption{
-			grpc.WithContextDialer(sev.dial),
-			grpc.WithConnectParams(grpc.ConnectParams{
-				Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
-				MinConnectTimeout: time.Second,
-			}),
-		},
-	})
+	cfg := clientv3.Config{Endpoints: []string{d.client}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()}
+	etcd.Configure(&cfg) // fail fast with the cause while etcd is down, as etcd:// URLs do
+	cfg.DialOptions = append(cfg.DialOptions,
+		grpc.WithContextDialer(sev.dial),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+			MinConnectTimeout: time.Second,
+		}))
+	cli, err := clientv3.New(cfg)
 	if err != nil {
 		return nil, nil, err
 	}
