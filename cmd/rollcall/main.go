@@ -111,7 +111,7 @@ func (c *cli) exit(cmd string, err error) int {
 
 // urlForms documents the registry URL of each scheme rollcall knows.
 var urlForms = []struct{ scheme, form, note string }{
-	{"etcd", "etcd://[USER:PASSWORD@]HOST:2379[,HOST:2379...][/PREFIX][?ttl=10s&tls=true&ca=ca.pem&cert=c.pem&key=k.pem&dial-timeout=5s]",
+	{"etcd", "etcd://[USER:PASSWORD@]HOST:2379[,HOST:2379...][/PREFIX][?ttl=10s&tls=true&ca=ca.pem&cert=c.pem&key=k.pem&dial-timeout=3s]",
 		"keys under /rollcall/[PREFIX/]SERVICE/ID"},
 	{"consul", "consul://[USER:PASSWORD@]HOST:8500[?ttl=10s&dc=dc1&token=T&tls=true&ca_file=..&cert_file=..&key_file=..]",
 		"the HTTP API of a Consul agent; unset settings come from CONSUL_HTTP_* (consul:/// is $CONSUL_HTTP_ADDR)"},
