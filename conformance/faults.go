@@ -412,6 +412,7 @@ func testCloseBoundedWhilePaused(t *testing.T, h Harness) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = r.Close() }) // also when the subtest stops early (Close is idempotent)
 	var regs []*registry.Registration
 	for i, id := range []string{"a", "b", "c"} {
 		regs = append(regs, register(t, r, inst(svc, id, 9001+i)))

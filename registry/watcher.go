@@ -38,6 +38,7 @@ type Watcher struct {
 	inGrace   bool            // a resync grace window is open (see Options.ResyncGrace)
 	pre       map[string]bool // IDs known when the window opened
 	held      map[string]bool // of those, the ones missing from the registry, kept meanwhile
+	heldAny   bool            // something was held back in this window
 	graceGen  int
 	announce  bool // deliver an update even if nothing else changed (the stale reason did)
 
@@ -204,7 +205,7 @@ func (w *Watcher) setStale(err error) {
 // instance stays listed and the watcher says Stale) and dropped if the
 // instance comes back. Called under mu.
 func (w *Watcher) openGraceLocked() {
-	w.inGrace = true
+	w.inGrace, w.heldAny, w.announce = true, false, true
 	clear(w.pre)
 	clear(w.held)
 	for id := range w.known {
@@ -229,7 +230,7 @@ func (w *Watcher) endGrace(gen int) {
 			w.dirty[id] = struct{}{}
 		}
 	}
-	w.inGrace = false
+	w.inGrace, w.heldAny = false, false
 	clear(w.pre)
 	clear(w.held)
 	w.stale, w.err = false, nil
@@ -248,10 +249,19 @@ func (w *Watcher) holdLocked(id string) bool {
 	return true
 }
 
-// graceStaleLocked sets the stale state while a window is open: stale while
-// something is held back, fresh otherwise. Called under mu.
+// graceStaleLocked sets the state while a window is open: the watcher is
+// stale for the whole window (the list may still lose instances whose
+// leases ran out during the outage), except that the window closes early
+// once removals were held back and every one of them came back (the blip
+// happened and was repaired). Called under mu.
 func (w *Watcher) graceStaleLocked() {
-	if len(w.held) == 0 {
+	if len(w.held) > 0 {
+		w.heldAny = true
+	}
+	if w.heldAny && len(w.held) == 0 {
+		w.inGrace, w.heldAny = false, false
+		w.graceGen++
+		clear(w.pre)
 		w.stale, w.err = false, nil
 		return
 	}
@@ -259,8 +269,7 @@ func (w *Watcher) graceStaleLocked() {
 		w.announce = true
 	}
 	w.stale = true
-	w.err = fmt.Errorf("%w: resynchronising after an outage: waiting up to %v for %d instance(s) to be renewed", ErrUnavailable, w.r.opts.ResyncGrace, len(w.held))
-	w.announce = true
+	w.err = fmt.Errorf("%w: resynchronising after an outage: for up to %v, instances known before it that the registry misses (%d now) are kept", ErrUnavailable, w.r.opts.ResyncGrace, len(w.held))
 }
 
 // apply merges a backend event into known.
