@@ -38,7 +38,6 @@ type Watcher struct {
 	inGrace   bool            // a resync grace window is open (see Options.ResyncGrace)
 	pre       map[string]bool // IDs known when the window opened
 	held      map[string]bool // of those, the ones missing from the registry, kept meanwhile
-	heldAny   bool            // something was held back in this window
 	graceGen  int
 	announce  bool // deliver an update even if nothing else changed (the stale reason did)
 
@@ -205,7 +204,7 @@ func (w *Watcher) setStale(err error) {
 // instance stays listed and the watcher says Stale) and dropped if the
 // instance comes back. Called under mu.
 func (w *Watcher) openGraceLocked() {
-	w.inGrace, w.heldAny, w.announce = true, false, true
+	w.inGrace, w.announce = true, true
 	clear(w.pre)
 	clear(w.held)
 	for id := range w.known {
@@ -230,7 +229,7 @@ func (w *Watcher) endGrace(gen int) {
 			w.dirty[id] = struct{}{}
 		}
 	}
-	w.inGrace, w.heldAny = false, false
+	w.inGrace = false
 	clear(w.pre)
 	clear(w.held)
 	w.stale, w.err = false, nil
@@ -250,21 +249,11 @@ func (w *Watcher) holdLocked(id string) bool {
 }
 
 // graceStaleLocked sets the state while a window is open: the watcher is
-// stale for the whole window (the list may still lose instances whose
-// leases ran out during the outage), except that the window closes early
-// once removals were held back and every one of them came back (the blip
-// happened and was repaired). Called under mu.
+// stale for the whole window: the list may still lose instances whose
+// leases ran out during the outage, and a server may report such a blip
+// more than once (Consul: the catalog, then the check) before the renewals
+// land, so the window never closes early. Called under mu.
 func (w *Watcher) graceStaleLocked() {
-	if len(w.held) > 0 {
-		w.heldAny = true
-	}
-	if w.heldAny && len(w.held) == 0 {
-		w.inGrace, w.heldAny = false, false
-		w.graceGen++
-		clear(w.pre)
-		w.stale, w.err = false, nil
-		return
-	}
 	if !w.stale {
 		w.announce = true
 	}
