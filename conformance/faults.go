@@ -729,17 +729,32 @@ func testBurstMixed(t *testing.T, h Harness) {
 		time.Sleep(testutil.PollInterval) // polling, not synchronisation
 	}
 	f.check()
-	list, err := regs[0].Lookup(ctxT(t), svc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(list) != len(want) {
-		t.Fatalf("Lookup has %d instances, want %d", len(list), len(want))
-	}
-	for _, in := range list {
-		if got, _ := f.get(in.ID); !got.Equal(in) {
-			t.Fatalf("Lookup has %v, the watcher %v", in, got)
+	// Lookup, on another client, agrees with the watcher (push-based
+	// backends' clients converge independently: wait for it, bounded).
+	var disagree string
+	agree := func() bool {
+		list, err := regs[0].Lookup(ctxT(t), svc)
+		if err != nil {
+			disagree = err.Error()
+			return false
 		}
+		if len(list) != len(want) {
+			disagree = fmt.Sprintf("Lookup has %d instances, want %d", len(list), len(want))
+			return false
+		}
+		for _, in := range list {
+			if got, _ := f.get(in.ID); !got.Equal(in) {
+				disagree = fmt.Sprintf("Lookup has %v %v, the watcher %v %v", in, in.Metadata, got, got.Metadata)
+				return false
+			}
+		}
+		return true
+	}
+	for deadline := time.Now().Add(recover); !agree(); {
+		if time.Now().After(deadline) {
+			t.Fatal(disagree)
+		}
+		time.Sleep(testutil.PollInterval) // polling, not synchronisation
 	}
 	t.Logf("the watcher got %d updates", f.mark())
 }

@@ -472,6 +472,12 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	if err := s.subscribe(ctx, cli); err != nil {
 		return nil, err
 	}
+	// The subscription's list is the SDK's cache: a Lookup answers only
+	// after the server has answered too (the SDK may not have noticed yet
+	// that it is gone), as Ping does.
+	if err := b.Ping(ctx); err != nil {
+		return nil, err
+	}
 	snap, _, _, _ := s.view()
 	return sortedList(snap), nil
 }
