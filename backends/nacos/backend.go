@@ -30,6 +30,10 @@ var (
 	// connection already sent waits for the server to show it before
 	// sending it again.
 	redoGrace = 1500 * time.Millisecond
+	// pushWindow is how long a holder of an ID seen in a service's list
+	// must stay there to be taken as one (Nacos pushes a change after its
+	// merge window, nacos.naming.push.pushTaskDelay, 500 ms by default).
+	pushWindow = 2 * time.Second
 	// subLinger keeps an unused SDK subscription open a little, so that
 	// repeated Lookups and watch restarts do not subscribe again each time.
 	subLinger = 5 * time.Second

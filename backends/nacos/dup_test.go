@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nacos-group/nacos-sdk-go/v2/model"
+
 	"github.com/rollcall-go/rollcall/backends/nacos"
 	"github.com/rollcall-go/rollcall/registry"
 )
@@ -54,4 +56,30 @@ func TestDuplicateIDIsAConflict(t *testing.T) {
 		list, err2 = watcher.Lookup(ctxT(t), "dup")
 		return err2 == nil && len(list) == 1 && list[0].Addr == "10.0.0.2:7002"
 	})
+}
+
+// A holder that has just left may still be in a client's list (the list
+// trails the server by a push): the ID is refused only if the holder is
+// still there after a push window. The removal's push is delayed by 1 s
+// here, so the registering client's list shows the holder when it checks.
+func TestJustDepartedHolderIsNoConflict(t *testing.T) {
+	srv := startServer(t)
+	r := newRegistry(t, newClient(t, srv, nacos.ClientOptions{}), &nacos.Options{TTL: time.Minute})
+	ids := watchIDs(t, r, "dup")
+	srv.Inject("", "", "dup", model.Instance{Ip: "10.0.0.9", Port: 7009, Weight: 1, Enable: true, Healthy: true, Ephemeral: true,
+		Metadata: map[string]string{nacos.MetaID: "same"}})
+	waitFor(t, 20*time.Second, "the client's list to show the foreign holder", func() bool { got, _ := ids(); return len(got) == 1 })
+	srv.SetPushDelay(time.Second)
+	if n := srv.RemoveInjected("", "", "dup", "10.0.0.9", 7009); n != 1 {
+		t.Fatalf("RemoveInjected removed %d instances, want 1", n)
+	}
+	if got, _ := ids(); len(got) != 1 {
+		t.Fatalf("the client's list shows %v before the removal was pushed, want the holder still", got)
+	}
+	if _, err := r.Register(ctxT(t), registry.Instance{Service: "dup", ID: "same", Addr: "10.0.0.2:7002"}); err != nil {
+		t.Fatalf("Register of an ID whose holder has just left: %v", err)
+	}
+	if got := srv.Instances("", "", "dup"); len(got) != 1 || got[0].Ip != "10.0.0.2" {
+		t.Fatalf("the server holds %v, want 10.0.0.2:7002 only", got)
+	}
 }

@@ -284,7 +284,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err := st.sub.subscribe(ctx, cli); err != nil {
 		return nil, err
 	}
-	if err := b.conflict(st, inst); err != nil {
+	if err := b.conflict(ctx, st, inst); err != nil {
 		return nil, err
 	}
 	p := &publication{b: b, st: st, id: inst.ID, inst: inst}
@@ -310,7 +310,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err == nil {
 		// A registration of the ID at another address that raced with
 		// this one (each past the other's check): this one yields.
-		err = b.conflict(st, inst)
+		err = b.conflict(ctx, st, inst)
 	}
 	if err != nil {
 		b.publishFailed(st, p, old)
@@ -327,16 +327,35 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 // metadata only, so the ID's owner is whoever registered it at the address
 // the list shows; the same address is the same Nacos instance, and is
 // accepted.
-func (b *backend) conflict(st *svcState, inst driver.Instance) error {
+//
+// The list trails the server by a push (and Nacos answers a query from the
+// same cache its pushes are made of, so asking it would not tell more): a
+// holder that has just left may still be in it. So a holder is taken as one
+// only if it is still in the list after pushWindow.
+func (b *backend) conflict(ctx context.Context, st *svcState, inst driver.Instance) error {
 	b.mu.Lock()
 	mine := st.sent[inst.ID].Addr
 	b.mu.Unlock()
-	for _, addr := range st.sub.holders(inst.ID) {
-		if addr != inst.Addr && addr != mine {
-			return fmt.Errorf("%w: nacos: %s/%s is registered at %s by another client", registry.ErrConflict, inst.Service, inst.ID, addr)
+	other := func() string {
+		for _, addr := range st.sub.holders(inst.ID) {
+			if addr != inst.Addr && addr != mine {
+				return addr
+			}
 		}
+		return ""
 	}
-	return nil
+	addr := other()
+	if addr == "" {
+		return nil
+	}
+	err := st.sub.waitFor(ctx, pushWindow, "the departure of the holder at "+addr, func(map[string]driver.Instance) bool {
+		addr = other()
+		return addr == ""
+	})
+	if err == nil || ctx.Err() != nil || errors.Is(err, errClosed) {
+		return err
+	}
+	return fmt.Errorf("%w: nacos: %s/%s is registered at %s by another client", registry.ErrConflict, inst.Service, inst.ID, addr)
 }
 
 // settle waits until the server's list of st's service satisfies cond. If it

@@ -308,17 +308,10 @@ func (b *backend) convert(service string, hosts []model.Instance, prev map[strin
 	var ev driver.Event
 	for i := range hosts {
 		h := &hosts[i]
-		if !h.Enable || !h.Healthy || !(h.Weight > 0) {
+		if !b.routable(h) {
 			continue
 		}
-		if b.filter != "" && clusterName(h.ClusterName) != b.filter {
-			continue
-		}
-		addr := net.JoinHostPort(h.Ip, strconv.FormatUint(h.Port, 10))
-		id := h.Metadata[MetaID]
-		if id == "" {
-			id = addr
-		}
+		addr, id := hostID(h)
 		if old, dup := m[id]; dup {
 			b.log.Debug("nacos: two instances with one ID; keeping the first", "service", service, "id", id, "kept", old.Addr, "skipped", addr)
 			continue
@@ -347,14 +340,10 @@ func (b *backend) dupAddrs(hosts []model.Instance) map[string][]string {
 	seen := make(map[string]string, len(hosts))
 	for i := range hosts {
 		h := &hosts[i]
-		if !h.Enable || !h.Healthy || !(h.Weight > 0) || (b.filter != "" && clusterName(h.ClusterName) != b.filter) {
+		if !b.routable(h) || h.Metadata[MetaID] == "" { // its ID is its address
 			continue
 		}
-		addr := net.JoinHostPort(h.Ip, strconv.FormatUint(h.Port, 10))
-		id := h.Metadata[MetaID]
-		if id == "" {
-			continue // its ID is its address
-		}
+		addr, id := hostID(h)
 		first, dup := seen[id]
 		if !dup {
 			seen[id] = addr
@@ -371,6 +360,21 @@ func (b *backend) dupAddrs(hosts []model.Instance) map[string][]string {
 		}
 	}
 	return all
+}
+
+// routable reports whether h is an instance Nacos would route to, in the
+// backend's cluster when it has one.
+func (b *backend) routable(h *model.Instance) bool {
+	return h.Enable && h.Healthy && h.Weight > 0 && (b.filter == "" || clusterName(h.ClusterName) == b.filter)
+}
+
+// hostID returns h's address and rollcall ID (its address when it has none).
+func hostID(h *model.Instance) (addr, id string) {
+	addr = net.JoinHostPort(h.Ip, strconv.FormatUint(h.Port, 10))
+	if id = h.Metadata[MetaID]; id == "" {
+		id = addr
+	}
+	return addr, id
 }
 
 // holders returns the addresses the current list has for id.
