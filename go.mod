@@ -3,6 +3,7 @@ module github.com/rollcall-go/rollcall
 go 1.26.7
 
 require (
+	github.com/fsnotify/fsnotify v1.10.1
 	github.com/hashicorp/consul/api v1.34.5
 	github.com/moby/moby/api v1.56.1
 	github.com/moby/moby/client v0.6.2

@@ -29,6 +29,8 @@
 //	nacos://h:8848/user.rpc?namespace=dev    nacos://h:8848?namespace=dev       user.rpc
 //	k8s://namespace/service:port             k8s://namespace                    service:port
 //	k8s:///service:port                      k8s:///                            service:port (kubeconfig's namespace)
+//	static://10.0.0.1:80,10.0.0.2:80/user.rpc static://10.0.0.1:80,10.0.0.2:80  user.rpc (fixed endpoints)
+//	static:///user.rpc?file=eps.json         static:///?file=eps.json           user.rpc (endpoints from a file)
 //
 // The registry URL's own form, for each scheme, is in its backend's package
 // doc. The service name must be a valid registry service name (letters,
@@ -39,7 +41,7 @@
 //
 // The package registers a builder in gRPC's global resolver registry, in
 // its init, for each scheme of the backends rollcall knows: etcd, mem, consul,
-// nacos and k8s. The builder opens the registry URL with registry.Open when
+// nacos, k8s and static. The builder opens the registry URL with registry.Open when
 // gRPC builds a resolver, so only the backend's blank import is needed; a
 // scheme whose backend is not linked makes Build fail with an error that
 // names the import to add. Register adds a scheme of another backend.
@@ -104,7 +106,7 @@ import (
 
 // KnownSchemes are the schemes registered with gRPC by this package's init:
 // those of the backends rollcall ships.
-var KnownSchemes = []string{"etcd", "mem", "consul", "nacos", "k8s"}
+var KnownSchemes = []string{"etcd", "mem", "consul", "nacos", "k8s", "static"}
 
 func init() {
 	for _, s := range KnownSchemes {
@@ -120,6 +122,7 @@ var backendImports = map[string]string{
 	"consul": "github.com/rollcall-go/rollcall/backends/consul",
 	"nacos":  "github.com/rollcall-go/rollcall/backends/nacos",
 	"k8s":    "github.com/rollcall-go/rollcall/backends/k8s",
+	"static": "github.com/rollcall-go/rollcall/backends/static",
 }
 
 // DefaultServiceConfig is the service config the resolver sends unless

@@ -7,4 +7,5 @@ import (
 	_ "github.com/rollcall-go/rollcall/backends/k8s"
 	_ "github.com/rollcall-go/rollcall/backends/memory"
 	_ "github.com/rollcall-go/rollcall/backends/nacos"
+	_ "github.com/rollcall-go/rollcall/backends/static"
 )

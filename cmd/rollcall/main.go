@@ -120,6 +120,8 @@ var urlForms = []struct{ scheme, form, note string }{
 	{"k8s", "k8s://NAMESPACE[?kubeconfig=PATH&context=NAME&ttl=10s]",
 		"EndpointSlices of NAMESPACE (k8s:/// is the kubeconfig's); SERVICE is NAME or NAME:PORT"},
 	{"mem", "mem://NAME[?ttl=10s]", "in-process only: useful inside one process (tests, the demo), not across commands"},
+	{"static", "static://HOST:PORT[,HOST:PORT...] | static:///?file=PATH",
+		"read-only fixed endpoints (every service has the listed ones), or per service from a JSON file that is reloaded on change"},
 }
 
 func (c *cli) usage(w io.Writer) {
