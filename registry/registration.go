@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -32,6 +33,7 @@ type Registration struct {
 	closed      bool          // Deregister was called
 	withdrawn   chan struct{} // closed once the withdrawal has ended; nil before Deregister
 	withdrawErr error         // why the withdrawal ended without success (registry closed), or nil
+	changed     chan struct{} // closed and replaced when status.State changes
 }
 
 // State is the state of a Registration.
@@ -79,10 +81,44 @@ type Status struct {
 	Reregistrations int
 }
 
+// String describes the status for logs and command lines, as in
+// "retrying since 15:04:05 (2 re-registrations): registry: unavailable: ...".
+func (s Status) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s since %s", s.State, s.Since.Format("15:04:05"))
+	if s.Reregistrations > 0 {
+		fmt.Fprintf(&b, " (%d re-registrations)", s.Reregistrations)
+	}
+	if s.Err != nil {
+		fmt.Fprintf(&b, ": %v", s.Err)
+	}
+	return b.String()
+}
+
 func newRegistration(r *registry, inst Instance, pub driver.Publication) *Registration {
 	ctx, cancel := context.WithCancel(r.ctx)
 	return &Registration{r: r, ctx: ctx, cancel: cancel, done: make(chan struct{}), inst: inst, pub: pub,
-		status: Status{State: Registered, Since: time.Now()}}
+		status: Status{State: Registered, Since: time.Now()}, changed: make(chan struct{})}
+}
+
+// StatusChanged returns a channel that is closed when the registration's
+// State next changes; then call Status, and StatusChanged again for the
+// change after. Nothing waits for the reader: the supervisor never blocks
+// on it.
+func (g *Registration) StatusChanged() <-chan struct{} {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.changed
+}
+
+// transitionLocked records that the State changes to s.
+func (g *Registration) transitionLocked(s State) {
+	if g.status.State == s {
+		return
+	}
+	g.status.State, g.status.Since = s, time.Now()
+	close(g.changed)
+	g.changed = make(chan struct{})
 }
 
 // Instance returns the registered instance.
@@ -102,10 +138,8 @@ func (g *Registration) Status() Status {
 func (g *Registration) setStatus(s State, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.status.State != s {
-		g.status.Since = time.Now()
-	}
-	g.status.State, g.status.Err = s, err
+	g.transitionLocked(s)
+	g.status.Err = err
 }
 
 // supervise waits for the publication to be lost and publishes again.
@@ -191,7 +225,9 @@ func (g *Registration) republish(attempt int, lossErr error) bool {
 		}
 		g.mu.Lock()
 		g.pub, g.lost = pub, nil
-		g.status = Status{State: Registered, Since: time.Now(), Reregistrations: g.status.Reregistrations + 1}
+		g.transitionLocked(Registered)
+		g.status.Err = nil
+		g.status.Reregistrations++
 		g.mu.Unlock()
 		g.opMu.Unlock()
 		g.r.log.Info("registry: registered again", "instance", inst.String(), "attempts", attempt+1)
@@ -331,15 +367,8 @@ func (g *Registration) finishWithdraw(err error) {
 	g.r.forget(g)
 	g.mu.Lock()
 	g.withdrawErr = err
-	if g.status.State != Deregistered {
-		g.status.Since = time.Now()
-	}
-	g.status.State = Deregistered
-	if err == nil {
-		g.status.Err = nil
-	} else {
-		g.status.Err = err
-	}
+	g.transitionLocked(Deregistered)
+	g.status.Err = err
 	close(g.withdrawn)
 	g.mu.Unlock()
 }

@@ -251,6 +251,9 @@ func (r *registry) accept(service string, di driver.Instance) (Instance, bool) {
 		r.log.Warn("registry: skipping invalid instance read from the registry", "service", service, "id", in.ID, "err", err)
 		return Instance{}, false
 	}
+	if !serving(n) {
+		return Instance{}, false // registered, taking no calls (SetServing)
+	}
 	return n, true
 }
 

@@ -73,6 +73,25 @@ type Update struct {
 	log  []change
 }
 
+// String describes the update for logs and command lines, as in
+// "fresh: +1 ~0 -2" or "stale: +0 ~0 -0 (registry: unavailable: ...)".
+func (u *Update) String() string {
+	var b strings.Builder
+	switch {
+	case !u.Synced:
+		b.WriteString("stale, nothing known yet")
+	case u.Stale:
+		b.WriteString("stale")
+	default:
+		b.WriteString("fresh")
+	}
+	fmt.Fprintf(&b, ": +%d ~%d -%d", len(u.Added), len(u.Changed), len(u.Removed))
+	if u.Err != nil {
+		fmt.Fprintf(&b, " (%v)", u.Err)
+	}
+	return b.String()
+}
+
 // Instances returns the complete list after this update, sorted by ID. It is
 // built on demand; the slice is the caller's.
 func (u *Update) Instances() []Instance {
@@ -280,9 +299,15 @@ func (w *Watcher) apply(ev driver.Event) {
 	wasStale := w.stale
 	if ev.Reset {
 		fresh := make(map[string]Instance, len(ev.Instances))
+		var paused map[string]bool // listed, but not serving: gone for clients, never held back
 		for _, di := range ev.Instances {
 			if in, ok := w.r.accept(w.service, di); ok {
 				fresh[in.ID] = in
+			} else if di.Service == w.service && !serving(Instance(di)) {
+				if paused == nil {
+					paused = map[string]bool{}
+				}
+				paused[di.ID] = true
 			}
 		}
 		// After an outage, removals of instances known before it are held
@@ -298,7 +323,10 @@ func (w *Watcher) apply(ev driver.Event) {
 			if _, ok := fresh[id]; ok {
 				continue
 			}
-			if !w.holdLocked(id) {
+			if paused[id] {
+				del(id)
+				delete(w.held, id)
+			} else if !w.holdLocked(id) {
 				del(id)
 			}
 		}
