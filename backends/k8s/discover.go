@@ -136,6 +136,9 @@ func (b *backend) healthLoop() {
 		ctx, cancel := context.WithTimeout(b.ctx, b.opts.HealthTimeout)
 		err := b.cs.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error()
 		cancel()
+		if err == nil {
+			b.noteUp()
+		}
 		if err == nil || b.ctx.Err() != nil {
 			continue
 		}
@@ -469,6 +472,7 @@ func (b *backend) collectLease(ctx context.Context, name string, uid types.UID) 
 	case err != nil:
 		return b.wrap(ctx, "get", resLeases, err)
 	default:
+		b.noteUp()
 		if uid == "" || l.UID != uid || !time.Now().After(b.deadline(leaseRecOf(l))) {
 			return nil // there, or renewed, or replaced
 		}

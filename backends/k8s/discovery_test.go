@@ -469,7 +469,7 @@ func testExpiredLease(t *testing.T, env *kubeEnv) {
 	leases := env.admin.CoordinationV1().Leases(ns)
 	// A registrar that died a minute ago, and one whose Lease was deleted
 	// (no garbage collector runs here to delete its slice).
-	old, err := leases.Create(ctx, lease("dead-registrar", time.Now().Add(-time.Minute), 10), metav1.CreateOptions{})
+	old, err := leases.Create(ctx, lease("dead-registrar", time.Now().Add(-time.Minute), 2), metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -495,12 +495,23 @@ func testExpiredLease(t *testing.T, env *kubeEnv) {
 	mk("exp-dead", "dead-registrar", old, "dead", "10.6.0.1")
 	mk("exp-orphan", "deleted-registrar", nil, "orphan", "10.6.0.2")
 
+	// A process that has just started has not seen the old Lease
+	// unrenewed (it may have missed an outage that kept its registrar from
+	// renewing): it lists its instance, and drops it once it has seen the
+	// Lease unrenewed for its duration plus the clock-skew allowance.
 	r := env.open(t, testserver.KubeAdmin, ns, 0)
-	if got := lookupIDs(t, r, "exp"); !slices.Equal(got, []string{"live"}) {
-		t.Fatalf("Lookup = %v, want [live]", got)
+	start := time.Now()
+	if got := lookupIDs(t, r, "exp"); !slices.Equal(got, []string{"dead", "live"}) {
+		t.Fatalf("first Lookup = %v, want [dead live]", got)
 	}
 	f := follow(t, r, "exp")
 	f.waitIDs(t, "live")
+	if d := time.Since(start); d < 3*time.Second {
+		t.Errorf("an old lease expired %v after this client first reached the server, before its duration and allowance", d)
+	}
+	if got := lookupIDs(t, r, "exp"); !slices.Equal(got, []string{"live"}) {
+		t.Fatalf("Lookup after expiry = %v, want [live]", got)
+	}
 	// The watcher collected the expired Lease and both stale slices.
 	waitFor(t, 20*time.Second, "the expired lease and stale slices to be deleted", func() bool {
 		_, err := leases.Get(ctx, "dead-registrar", metav1.GetOptions{})
@@ -517,7 +528,7 @@ func testExpiredLease(t *testing.T, env *kubeEnv) {
 	}
 	mk("exp-stopping", "stopping", stopping, "stopping", "10.6.0.3")
 	f.waitIDs(t, "live", "stopping")
-	start := time.Now()
+	start = time.Now()
 	f.waitIDs(t, "live")
 	// Lease duration 2s + clock skew 1s after its renewTime, plus the
 	// time to read it again; the instance was visible for part of that.

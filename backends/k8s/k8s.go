@@ -85,19 +85,34 @@
 // deleted when repeated (the shared layer repeats it) or by Close. Close
 // deletes the Lease first, then its slices, within RequestTimeout.
 //
-// A Lease is expired when renewTime + leaseDurationSeconds + ClockSkew (1s by
-// default) is in the past by the discoverer's clock. A slice whose Lease is
-// missing, has another UID than its ownerReference, or is expired is not an
-// instance, for every discoverer at once: watchers also watch the Leases
-// and, when a Lease's expiry time comes, read it again before they drop its
-// instances (so that a stalled watch never drops live instances). After this
-// client could not reach the API server, every Lease gets a full duration
-// from the moment it reached the server again before it counts as expired,
-// as etcd does after a restart, so that registrars have time to renew.
-// Expired Leases and slices whose Lease is gone are deleted by the watchers
-// that find them and by registrars (when they create their Lease, and every
-// 100 renewals), when their RBAC allows it; the garbage collector is not
-// required.
+// Each process judges Lease expiry by its own clock and its own contact
+// with the API server. A Lease is expired when renewTime +
+// leaseDurationSeconds + ClockSkew (1s by default) is in the past, counting
+// renewTime as no earlier than the start of this client's unbroken contact
+// with the API server: its first answer, and again its first answer after a
+// failed call or after a TTL without any answer (an outage it may have
+// missed). So a process only counts a Lease expired once it has itself
+// seen the server up and the Lease unrenewed for the Lease's duration plus
+// ClockSkew; a process started right after an outage lists the Leases its
+// registrars have not renewed yet, and drops them only if they stay
+// unrenewed, as etcd gives every lease a full TTL after a restart.
+//
+// A slice whose Lease is missing, has another UID than its
+// ownerReference, or is expired is not an instance. Watchers also watch the
+// Leases and, when a Lease's expiry time comes, read it again before they
+// drop its instances (so that a stalled watch never drops live instances).
+//
+// Who collects what: a Registry deletes its own Lease and slices when it
+// withdraws them or closes. Another process's Lease, and its slices, are
+// deleted only by a process that judged that Lease expired as above, after
+// reading it again (deleted on its UID and resource version, so a renewal
+// meanwhile wins): watchers when its expiry time comes, registrars when
+// they create their Lease and every 100 renewals, if their RBAC allows it.
+// Slices whose Lease no longer exists (deleted, not expired) are deleted
+// by the watchers that list them. The garbage collector is not required.
+// The duplicate-ID check of Register trusts the other holder's renewTime
+// alone, so a restarted process takes back the IDs of its crashed
+// predecessor; it deletes nothing.
 //
 // Loopback, link-local and unspecified IP addresses are refused by
 // Kubernetes in IPv4 and IPv6 slices; an IPv4 address of that kind (useful
@@ -445,7 +460,8 @@ type backend struct {
 	pubs     map[[2]string]*publication
 	gcBusy   map[string]bool // Lease or slice names being garbage-collected
 	down     bool            // the API server did not answer the last call
-	upSince  time.Time       // when it answered again after being down
+	answered time.Time       // when it last answered
+	upSince  time.Time       // since when it has answered with no break (see noteUp)
 	streams  map[*stream]struct{}
 	checking bool // the health loop runs
 
@@ -481,14 +497,22 @@ func (b *backend) noteDown() {
 	b.mu.Unlock()
 }
 
-// noteUp records that the API server answered; the first answer after it
-// was down starts the grace period of every Lease (see expiry).
+// noteUp records that the API server answered. The first answer of this
+// client, the first after the server did not answer, and the first after a
+// TTL without an answer (an outage this client may have missed) start a
+// grace for every Lease: this client has not seen them unrenewed while the
+// server was up (see deadline).
 func (b *backend) noteUp() {
+	now := time.Now()
 	b.mu.Lock()
-	if b.down {
-		b.down = false
-		b.upSince = time.Now()
+	last := time.Unix(0, b.heard.Load()) // a watch event
+	if b.answered.After(last) {
+		last = b.answered
 	}
+	if b.down || now.Sub(last) > b.opts.TTL {
+		b.upSince = now
+	}
+	b.down, b.answered = false, now
 	b.mu.Unlock()
 }
 

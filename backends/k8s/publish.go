@@ -486,7 +486,10 @@ func (b *backend) conflict(ctx context.Context, es *discoveryv1.EndpointSlice, o
 		if err != nil {
 			return b.wrap(ctx, "get", resLeases, err)
 		}
-		if (owner != "" && owner != l.UID) || time.Now().After(b.deadline(leaseRecOf(l))) {
+		// The holder's own claim decides, with no grace: a process
+		// restarted with the IDs of its crashed predecessor takes them
+		// back at once. Nothing is deleted on this judgment.
+		if r := leaseRecOf(l); (owner != "" && owner != l.UID) || time.Now().After(r.renew.Add(r.dur+b.opts.ClockSkew)) {
 			continue // that registration is dead
 		}
 		holder := ""

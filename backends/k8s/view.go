@@ -91,9 +91,11 @@ func newView(b *backend, t target) *view {
 		ready: map[string]struct{}{}, out: map[string]driver.Instance{}, fallback: true}
 }
 
-// deadline is when a Lease counts as expired: its renewTime (or, if later,
-// when this client last reached the API server after being cut off from
-// it) plus its duration plus the clock-skew allowance.
+// deadline is when a Lease counts as expired for this client: its
+// renewTime, or if later the start of this client's unbroken contact with
+// the API server (see noteUp), plus its duration plus the clock-skew
+// allowance. So a Lease expires only once this client has seen the server
+// up, and the Lease unrenewed, for a full duration and allowance.
 func (b *backend) deadline(r *leaseRec) time.Time {
 	base := r.renew
 	if g := b.graceBase(); g.After(base) {
