@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -33,6 +34,13 @@ type Etcd struct {
 	client  int // client port
 	peer    int // peer port
 	proc    *child
+
+	// Of a member of an EtcdCluster: its name and the cluster's members.
+	paused  atomic.Bool // between Pause and Resume
+
+	name    string
+	cluster string
+	timing  []string // heartbeat and election flags
 }
 
 // StartEtcd starts etcd and waits until it serves requests. The process is
@@ -78,6 +86,7 @@ func (e *Etcd) Pause() {
 	if err := e.proc.signal(syscall.SIGSTOP); err != nil {
 		e.t.Fatalf("testserver: etcd: pause: %v", err)
 	}
+	e.paused.Store(true)
 }
 
 // Resume continues a paused process with SIGCONT.
@@ -86,6 +95,7 @@ func (e *Etcd) Resume() {
 	if err := e.proc.signal(syscall.SIGCONT); err != nil {
 		e.t.Fatalf("testserver: etcd: resume: %v", err)
 	}
+	e.paused.Store(false)
 }
 
 // Stop kills the process with SIGKILL and waits for it to exit. The data
@@ -130,16 +140,36 @@ func (e *Etcd) Restart(wipe bool) {
 }
 
 func (e *Etcd) start() error {
-	peerURL := "http://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(e.peer))
+	if err := e.launch(); err != nil {
+		return err
+	}
+	return e.waitReady()
+}
+
+func (e *Etcd) peerURL() string {
+	return "http://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(e.peer))
+}
+
+// launch starts the process.
+func (e *Etcd) launch() error {
+	peerURL := e.peerURL()
 	clientURL := "http://" + e.Endpoint()
+	name, cluster := e.name, e.cluster
+	if name == "" {
+		name, cluster = "default", "default="+peerURL
+	}
+	timing := e.timing
+	if timing == nil {
+		timing = []string{"--heartbeat-interval=50", "--election-timeout=500"}
+	}
 	args := []string{
-		"--name=default",
+		"--name=" + name,
 		"--data-dir=" + e.dataDir,
 		"--listen-client-urls=" + clientURL,
 		"--advertise-client-urls=" + clientURL,
 		"--listen-peer-urls=" + peerURL,
 		"--initial-advertise-peer-urls=" + peerURL,
-		"--initial-cluster=default=" + peerURL,
+		"--initial-cluster=" + cluster,
 		"--initial-cluster-state=new",
 		"--initial-cluster-token=rollcall-test",
 		// Small and fast: tests keep little data and need no durability
@@ -147,15 +177,17 @@ func (e *Etcd) start() error {
 		"--snapshot-count=1000",
 		"--unsafe-no-fsync",
 		"--quota-backend-bytes=" + strconv.Itoa(256<<20),
-		"--heartbeat-interval=50",
-		"--election-timeout=500",
 		"--log-level=info",
 	}
+	args = append(args, timing...)
 	// etcd reads ETCD_* variables as flags; keep the developer's out.
 	env := filterEnv(os.Environ(), "ETCD_")
-	if err := e.proc.start(args, env); err != nil {
-		return err
-	}
+	return e.proc.start(args, env)
+}
+
+// waitReady waits until the member reports itself healthy (it serves
+// requests: its cluster has a leader).
+func (e *Etcd) waitReady() error {
 	health := "http://" + e.Endpoint() + "/health"
 	return e.proc.waitReady(func(ctx context.Context) error {
 		body, err := HTTPGet(ctx, health)
@@ -414,3 +446,6 @@ func filterEnv(env []string, prefix string) []string {
 	}
 	return out
 }
+
+// Log returns what the server has logged so far.
+func (e *Etcd) Log() []byte { return e.proc.readLog() }
