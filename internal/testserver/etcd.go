@@ -36,7 +36,7 @@ type Etcd struct {
 	proc    *child
 
 	// Of a member of an EtcdCluster: its name and the cluster's members.
-	paused  atomic.Bool // between Pause and Resume
+	paused atomic.Bool // between Pause and Resume
 
 	name    string
 	cluster string
