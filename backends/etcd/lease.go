@@ -108,8 +108,9 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 // lease's renewals (clientv3's KeepAlive stream stays on one member, and
 // gives up only once the lease is already expiring). A lease not renewed
 // for its TTL is unrenewed: its publications are lost (nobody knows
-// whether the server still has them), and the renewals go on until the
-// server answers. The server saying the lease is gone ends the session.
+// whether the server still has them), and the renewals go on, each
+// waiting up to the TTL, until the server answers. The server saying the
+// lease is gone ends the session.
 func (b *backend) keepAlive(ss *session, renewed time.Time) {
 	defer b.wg.Done()
 	interval, timeout := ss.ttl/3, renewTimeout(ss.ttl)
@@ -122,7 +123,14 @@ func (b *backend) keepAlive(ss *session, renewed time.Time) {
 		case <-t.C:
 		}
 		start := time.Now()
-		ctx, cancel := context.WithTimeout(ss.ctx, timeout)
+		limit := timeout
+		if time.Since(renewed) >= ss.ttl {
+			// Unrenewed: the whole cluster is frozen or down. Keep one
+			// renewal waiting for it as long as the TTL, so that a server
+			// that resumes renews the lease before it expires it.
+			limit = ss.ttl
+		}
+		ctx, cancel := context.WithTimeout(ss.ctx, limit)
 		err := b.renew(ctx, ss)
 		cancel()
 		switch {
