@@ -27,8 +27,9 @@ import (
 // elected a new one may fail (no member can answer a linearizable read).
 func TestFrozenMemberLosesNothing(t *testing.T) {
 	if os.Getenv("ROLLCALL_CLUSTER_TESTS") == "" {
-		t.Skip("cluster tests run with `make test-cluster` (ROLLCALL_CLUSTER_TESTS=1), not yet in make test: " +
-			"this one failed in about 1 of 4 runs on two loaded cores (the lease expired on the new leader while its renewals were answered; issue 12)")
+		t.Skip("cluster tests run with `make test-cluster` (ROLLCALL_CLUSTER_TESTS=1), not in make test: " +
+			"this test fails on main (issue 12 items 1 and 2 are open: Lookups and Registers time out on the frozen member); " +
+			"a fix (own lease renewals, per-try retries on the next member) made the container outage test flaky and was reverted")
 	}
 	c := testserver.StartEtcdCluster(t, 3)
 	t.Cleanup(func() {

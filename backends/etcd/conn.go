@@ -37,15 +37,7 @@ const DefaultDialTimeout = 3 * time.Second
 //     before a restarted etcd, which extends every lease by about its TTL,
 //     lets it expire.
 //   - Keepalive pings every 5s, answered within 3s, notice a dead or frozen
-//     connection (unless cfg sets DialKeepAliveTime itself; gRPC makes it
-//     at least 10s, so a frozen member's connection is cut only after 13s).
-//   - Reads (Range), and this package's own writes (all of them safe to
-//     repeat), are tried again when a try gets no answer within
-//     AttemptTimeout (twice, then doubling, within the call's context):
-//     gRPC's balancer sends the next try to the next member, so a member
-//     that froze, or is cut off, does not hold calls until their deadline
-//     while its connection still looks healthy. Other writes are sent
-//     once, as clientv3 does (a write that timed out may have been made).
+//     connection (unless cfg sets DialKeepAliveTime itself).
 func Configure(cfg *clientv3.Config) {
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = DefaultDialTimeout
@@ -61,29 +53,8 @@ func Configure(cfg *clientv3.Config) {
 		grpc.WithChainUnaryInterceptor(failFast))
 }
 
-// AttemptTimeout bounds the first try of a call that Configure's
-// interceptor may repeat; each further try may take twice as long as the
-// one before.
-const AttemptTimeout = 500 * time.Millisecond
-
-// attemptLimit is how long try number try (from 0) of a repeatable call
-// may take: AttemptTimeout for the first two, then doubling, up to 16 times
-// as long.
-func attemptLimit(try int) time.Duration {
-	return AttemptTimeout << min(max(try-1, 0), 4)
-}
-
-// repeatable marks a context whose calls are safe to repeat.
-type repeatableKey struct{}
-
-func repeatable(ctx context.Context) context.Context {
-	return context.WithValue(ctx, repeatableKey{}, true)
-}
-
 // failFast is a unary client interceptor. It sits inside clientv3's retry
-// interceptor and tries a repeatable call again, on the next member, when
-// a try gets no answer within its share of the time (see Configure). It
-// makes each try fail fast (grpc.WaitForReady(false)):
+// interceptor and makes each attempt fail fast (grpc.WaitForReady(false)):
 // an attempt made while the connection is in TRANSIENT_FAILURE fails with
 // the connection's error instead of waiting. Such a failure is returned as
 // a connError, which carries no gRPC status, so that clientv3 does not
@@ -92,37 +63,7 @@ func repeatable(ctx context.Context) context.Context {
 // errors the server sent (no leader, leader changed) keep their status and
 // are retried by clientv3 as before.
 func failFast(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-	opts = append(opts, grpc.WaitForReady(false))
-	var err error
-	mine := ctx.Value(repeatableKey{}) != nil
-	if mine || method == "/etcdserverpb.KV/Range" {
-		for try := 0; ; try++ {
-			actx, cancel := context.WithTimeout(ctx, attemptLimit(try))
-			err = invoker(actx, method, req, reply, cc, opts...)
-			late := errors.Is(actx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
-			cancel()
-			if err == nil || ctx.Err() != nil {
-				break
-			}
-			if late {
-				continue
-			}
-			// The cluster is electing a leader (about an election timeout):
-			// this package's writes wait for it within their context
-			// (clientv3 retries reads itself, and no write).
-			if e := rpctypes.Error(err); !mine || (!errors.Is(e, rpctypes.ErrNoLeader) && !errors.Is(e, rpctypes.ErrLeaderChanged)) {
-				break
-			}
-			t := time.NewTimer(100 * time.Millisecond)
-			select {
-			case <-ctx.Done():
-			case <-t.C:
-			}
-			t.Stop()
-		}
-	} else {
-		err = invoker(ctx, method, req, reply, cc, opts...)
-	}
+	err := invoker(ctx, method, req, reply, cc, append(opts, grpc.WaitForReady(false))...)
 	if err == nil || status.Code(err) != codes.Unavailable || cc.GetState() != connectivity.TransientFailure {
 		return err
 	}

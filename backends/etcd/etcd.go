@@ -387,7 +387,7 @@ func (b *backend) Close() error {
 	var err error
 	if ss != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		if _, rerr := cli.Revoke(repeatable(ctx), ss.id); rerr != nil && !isLeaseNotFound(rerr) {
+		if _, rerr := cli.Revoke(ctx, ss.id); rerr != nil && !isLeaseNotFound(rerr) {
 			err = classify(rerr)
 		}
 		cancel()

@@ -38,7 +38,6 @@ var (
 type session struct {
 	driver.Loss
 	id     clientv3.LeaseID
-	ttl    time.Duration   // as granted
 	ctx    context.Context // the keepalive's and the guards' (on a gRPC stream of their own); ends with the session
 	cancel context.CancelFunc
 	n      int             // publications in b.pubs using this session
@@ -62,9 +61,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		}
 		// Renew the lease before granting another: if it is alive, the
 		// instances it holds never went away.
-		rctx, cancel := context.WithTimeout(ctx, renewTimeout(cur.ttl))
-		err := b.renew(rctx, cur)
-		cancel()
+		err := b.renew(ctx, cur)
 		if err == nil {
 			return cur, nil
 		}
@@ -80,7 +77,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		return nil, err
 	}
 	secs := int64((b.opts.TTL + time.Second - 1) / time.Second)
-	grant, err := b.cli.Grant(repeatable(clientv3.WithRequireLeader(ctx)), secs)
+	grant, err := b.cli.Grant(clientv3.WithRequireLeader(ctx), secs)
 	if err != nil {
 		return nil, err
 	}
@@ -89,85 +86,72 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 			"asked", b.opts.TTL, "granted", granted)
 	}
 	sctx, cancel := context.WithCancel(clientv3.WithRequireLeader(b.withStream(b.ctx, fmt.Sprintf("lease-%x", grant.ID))))
-	ttl := max(time.Duration(grant.TTL)*time.Second, b.opts.TTL)
-	ss := &session{id: grant.ID, ttl: ttl, ctx: sctx, cancel: cancel, guards: map[string]bool{}}
+	ka, err := b.cli.KeepAlive(sctx, grant.ID)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	ss := &session{id: grant.ID, ctx: sctx, cancel: cancel, guards: map[string]bool{}}
 	b.mu.Lock()
 	b.sess = ss
 	b.leases[grant.ID] = true
 	b.mu.Unlock()
 	b.wg.Add(1)
-	go b.keepAlive(ss, time.Now())
+	go b.keepAlive(ss, ka)
 	return ss, nil
 }
 
-// keepAlive renews ss's lease every third of its TTL, from granted on,
-// until the session ends. Each renewal is a call of its own, bounded by a
-// part of the TTL (renewTimeout), and a renewal that fails is tried again
-// at once: gRPC's balancer sends each try to the next member of the
-// cluster, so a member that froze, or lost its leader, does not hold the
-// lease's renewals (clientv3's KeepAlive stream stays on one member, and
-// gives up only once the lease is already expiring). A lease not renewed
-// for its TTL is unrenewed: its publications are lost (nobody knows
-// whether the server still has them), and the renewals go on, each
-// waiting up to the TTL, until the server answers. The server saying the
-// lease is gone ends the session.
-func (b *backend) keepAlive(ss *session, renewed time.Time) {
+// keepAlive drains clientv3's keepalive responses. The channel closes when
+// the lease is gone or was not renewed within its TTL (clientv3 gives up
+// then, without saying which): keepAlive asks the server by renewing it
+// once. Gone: the session is dead. No answer: the session is unrenewed
+// (its publications are lost) and keeps renewing until the server answers.
+// Renewed: clientv3 keeps it alive again.
+func (b *backend) keepAlive(ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse) {
 	defer b.wg.Done()
-	interval, timeout := ss.ttl/3, renewTimeout(ss.ttl)
-	t := time.NewTimer(interval)
-	defer t.Stop()
 	for {
-		select {
-		case <-ss.ctx.Done():
+		for range ka {
+		}
+		if ss.ctx.Err() != nil {
 			return
-		case <-t.C:
 		}
-		start := time.Now()
-		limit := timeout
-		if time.Since(renewed) >= ss.ttl {
-			// Unrenewed: the whole cluster is frozen or down. Keep one
-			// renewal waiting for it as long as the TTL, so that a server
-			// that resumes renews the lease before it expires it.
-			limit = ss.ttl
-		}
-		ctx, cancel := context.WithTimeout(ss.ctx, limit)
+		ctx, cancel := context.WithTimeout(ss.ctx, time.Second)
 		err := b.renew(ctx, ss)
 		cancel()
-		switch {
-		case ss.ctx.Err() != nil:
+		if err != nil && !isLeaseNotFound(err) {
+			b.unrenewed(ss)
+			for err != nil && !isLeaseNotFound(err) && ss.ctx.Err() == nil {
+				// renew waits for a connection; an error that came at once
+				// is tried again shortly.
+				t := time.NewTimer(200 * time.Millisecond)
+				select {
+				case <-ss.ctx.Done():
+				case <-t.C:
+				}
+				t.Stop()
+				err = b.renew(ss.ctx, ss)
+			}
+		}
+		if ss.ctx.Err() != nil {
 			return
-		case err == nil:
-			renewed = start
-			t.Reset(interval)
-		case isLeaseNotFound(err):
+		}
+		if err != nil { // the lease is gone
 			b.loseSession(ss, ErrLeaseLost)
 			return
-		default:
-			if time.Since(renewed) >= ss.ttl {
-				b.unrenewed(ss)
+		}
+		if ka, err = b.cli.KeepAlive(ss.ctx, ss.id); err != nil {
+			if ss.ctx.Err() == nil {
+				b.loseSession(ss, fmt.Errorf("%w: %w", ErrLeaseLost, err))
 			}
-			// A try that failed at once (no connection) waits a little;
-			// one that timed out goes to the next member now.
-			t.Reset(max(200*time.Millisecond-time.Since(start), 0))
+			return
 		}
 	}
-}
-
-// renewTimeout bounds one renewal of a lease of the given TTL: a sixth of
-// it, between 300ms and 2s, so that a renewal sent to a frozen member
-// leaves time for two more before the lease expires.
-func renewTimeout(ttl time.Duration) time.Duration {
-	return min(max(ttl/6, 300*time.Millisecond), 2*time.Second)
 }
 
 // unrenewed marks ss stale and loses its publications: nobody knows
 // whether the server still has them.
 func (b *backend) unrenewed(ss *session) {
 	b.mu.Lock()
-	if ss.stale {
-		b.mu.Unlock()
-		return
-	}
 	ss.stale = true
 	var lost []*publication
 	for _, p := range b.pubs {
@@ -176,15 +160,18 @@ func (b *backend) unrenewed(ss *session) {
 		}
 	}
 	b.mu.Unlock()
-	err := fmt.Errorf("%w: not renewed within its TTL (%v); renewing it again", ErrLeaseLost, ss.ttl)
+	err := fmt.Errorf("%w: not renewed within its TTL (%v); renewing it again", ErrLeaseLost, b.opts.TTL)
 	for _, p := range lost {
 		p.Lose(err)
 	}
 }
 
-// renew renews ss's lease once, within ctx. On success ss is fresh again;
-// an error wrapping rpctypes.ErrLeaseNotFound means the lease is gone.
+// renew renews ss's lease once, waiting for a connection for at most ctx
+// and the TTL. On success ss is fresh again; an error wrapping
+// rpctypes.ErrLeaseNotFound means the lease is gone.
 func (b *backend) renew(ctx context.Context, ss *session) error {
+	ctx, cancel := context.WithTimeout(ctx, b.opts.TTL)
+	defer cancel()
 	if _, err := b.cli.KeepAliveOnce(ctx, ss.id); err != nil {
 		return err
 	}
@@ -220,21 +207,6 @@ func (b *backend) guardLocked(ss *session, service string, rev int64) {
 func (b *backend) guard(ss *session, service string, rev int64) {
 	defer b.wg.Done()
 	dir := b.dir(service)
-	for rev == 0 && ss.ctx.Err() == nil {
-		// Started after a failed write: what it may have written before
-		// the watch starts is found by listing.
-		r, err := b.verify(ss, service)
-		if err == nil {
-			rev = r + 1
-			break
-		}
-		t := time.NewTimer(200 * time.Millisecond)
-		select {
-		case <-ss.ctx.Done():
-		case <-t.C:
-		}
-		t.Stop()
-	}
 	for attempt := 0; ss.ctx.Err() == nil; attempt++ {
 		wch := b.cli.Watch(ss.ctx, dir, clientv3.WithPrefix(), clientv3.WithRev(rev))
 		for resp := range wch {
@@ -248,8 +220,6 @@ func (b *backend) guard(ss *session, service string, rev int64) {
 					b.keyGone(ss, string(ev.Kv.Key), ev.Kv.ModRevision, 0)
 				} else if lease := clientv3.LeaseID(ev.Kv.Lease); lease != ss.id {
 					b.keyGone(ss, string(ev.Kv.Key), ev.Kv.ModRevision, lease)
-				} else {
-					b.sweep(ss, ev.Kv)
 				}
 			}
 		}
@@ -284,9 +254,6 @@ func (b *backend) verify(ss *session, service string) (int64, error) {
 	held := make(map[string]clientv3.LeaseID, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		held[string(kv.Key)] = clientv3.LeaseID(kv.Lease)
-		if clientv3.LeaseID(kv.Lease) == ss.id {
-			b.sweep(ss, kv)
-		}
 	}
 	b.mu.Lock()
 	var keys []string
@@ -302,33 +269,6 @@ func (b *backend) verify(ss *session, service string) (int64, error) {
 		}
 	}
 	return resp.Header.Revision, nil
-}
-
-// sweep deletes a key written with ss's lease that no publication holds:
-// a write whose call failed (it timed out on a frozen member, which applied
-// it later) or that outlived its withdrawal. Without it, the key would stay
-// registered, renewed with the lease, until the Registry closes. The delete
-// is conditional on the key being unchanged since kv.
-func (b *backend) sweep(ss *session, kv *mvccpb.KeyValue) {
-	key := string(kv.Key)
-	b.mu.Lock()
-	p := b.pubs[key]
-	b.mu.Unlock()
-	if p != nil {
-		return // a registration wants the key (under this lease or, lost, under another): it takes it over
-	}
-	ctx, cancel := context.WithTimeout(ss.ctx, b.opts.ProgressTimeout)
-	defer cancel()
-	resp, err := b.cli.Txn(repeatable(clientv3.WithRequireLeader(ctx))).
-		If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)).
-		Then(clientv3.OpDelete(key)).
-		Commit()
-	if err == nil && resp.Succeeded {
-		b.log.Warn("etcd: deleted a key of this registry's lease that no registration holds (a write whose call had failed, applied late)", "key", key)
-	} else if err != nil {
-		// verify, when the guard's watch restarts, tries again.
-		b.log.Warn("etcd: deleting a key that no registration holds", "key", key, "err", err)
-	}
 }
 
 // keyGone reports that key was deleted (by is 0) or written with lease by
@@ -405,7 +345,7 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 		return nil, err
 	}
 	key := b.key(inst)
-	var p, old *publication
+	var p *publication
 	for p == nil {
 		ss, err := b.session(ctx)
 		if err != nil {
@@ -414,7 +354,7 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 		b.mu.Lock()
 		if !ss.retire && !ss.IsLost() && !ss.stale {
 			p = &publication{b: b, key: key, service: inst.Service, sess: ss}
-			old = b.pubs[key]
+			old := b.pubs[key]
 			b.pubs[key] = p
 			ss.n++
 			if old != nil {
@@ -428,27 +368,10 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 	}
 	rev, err := b.put(ctx, p, val, inst.Addr)
 	if err != nil {
-		// The registration keeps the publication it had (lost, but its
-		// key is still wanted: the sweep leaves it alone).
-		b.mu.Lock()
-		if b.pubs[key] == p {
-			delete(b.pubs, key)
-			p.sess.n--
-			if old != nil {
-				b.pubs[key] = old
-				old.sess.n++
-			}
-		}
-		b.mu.Unlock()
+		b.forget(p)
 		if isLeaseNotFound(err) {
 			b.loseSession(p.sess, ErrLeaseLost)
-			return nil, err
 		}
-		// The write may yet be made (a try sent to a frozen member is
-		// applied when it thaws): the guard sweeps it.
-		b.mu.Lock()
-		b.guardLocked(p.sess, inst.Service, 0)
-		b.mu.Unlock()
 		return nil, err
 	}
 	b.mu.Lock()
@@ -482,7 +405,7 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 // returns the revision of the write.
 func (b *backend) put(ctx context.Context, p *publication, val, addr string) (int64, error) {
 	cmp := clientv3.Compare(clientv3.CreateRevision(p.key), "=", 0)
-	ctx = repeatable(clientv3.WithRequireLeader(ctx))
+	ctx = clientv3.WithRequireLeader(ctx)
 	for range 5 {
 		resp, err := b.cli.Txn(ctx).If(cmp).
 			Then(clientv3.OpPut(p.key, val, clientv3.WithLease(p.sess.id))).
@@ -573,7 +496,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 		return err
 	}
 	b := p.b
-	resp, err := b.cli.Txn(repeatable(clientv3.WithRequireLeader(ctx))).
+	resp, err := b.cli.Txn(clientv3.WithRequireLeader(ctx)).
 		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id)).
 		Then(clientv3.OpPut(p.key, val, clientv3.WithLease(p.sess.id))).
 		Else(clientv3.OpGet(p.key, clientv3.WithKeysOnly())).
@@ -607,22 +530,12 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	b := p.b
 	last := b.forget(p)
 	p.Lose(errWithdrawn)
-	// The key carries p's lease or, if a publication again under the live
-	// session failed after writing, that session's.
-	leases := []clientv3.LeaseID{p.sess.id}
-	b.mu.Lock()
-	if b.sess != nil && b.sess != p.sess {
-		leases = append(leases, b.sess.id)
-	}
-	b.mu.Unlock()
-	for _, lease := range leases {
-		_, err := b.cli.Txn(repeatable(clientv3.WithRequireLeader(ctx))).
-			If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", lease)).
-			Then(clientv3.OpDelete(p.key)).
-			Commit()
-		if err != nil {
-			return classify(err)
-		}
+	_, err := b.cli.Txn(clientv3.WithRequireLeader(ctx)).
+		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id)).
+		Then(clientv3.OpDelete(p.key)).
+		Commit()
+	if err != nil {
+		return classify(err)
 	}
 	if last {
 		return b.retire(ctx, p.sess)
@@ -648,7 +561,7 @@ func (b *backend) retire(ctx context.Context, ss *session) error {
 	b.sessMu.Unlock()
 	ss.Lose(errNoRegistrations)
 	ss.cancel()
-	if _, err := b.cli.Revoke(repeatable(ctx), ss.id); err != nil && !isLeaseNotFound(err) {
+	if _, err := b.cli.Revoke(ctx, ss.id); err != nil && !isLeaseNotFound(err) {
 		return classify(err)
 	}
 	return nil

@@ -97,40 +97,23 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 
 // open starts a new etcd watch of the directory from rev, on a gRPC stream
 // of its own, and ends the previous one. ctx bounds opening it (clientv3's
-// Watch waits until the server has created it). A try that gets no answer
-// within its share of the time (attemptLimit) is made again on
-// a new stream, which gRPC's balancer sends to the next member: a frozen
-// member does not hold the watch.
+// Watch waits until the server has created it).
 func (s *stream) open(ctx context.Context, rev int64) error {
-	var failed []string // not reused by the next try: clientv3 may keep its stream on the same member for a while
-	defer func() {
-		for _, name := range failed {
-			s.b.releaseStream(name)
-		}
-	}()
-	for try := 0; ; try++ {
-		name := s.b.takeStream()
-		actx, cancel := context.WithTimeout(ctx, attemptLimit(try))
-		wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(s.b.withStream(s.ctx, name)))
-		stop := context.AfterFunc(actx, wcancel)
-		wch := s.b.cli.Watch(wctx, s.dir, clientv3.WithPrefix(), clientv3.WithRev(rev))
-		opened := stop()
-		cancel()
-		if !opened {
-			wcancel()
-			failed = append(failed, name)
-			if ctx.Err() != nil {
-				return fmt.Errorf("etcd: opening the watch of %s: %w", s.dir, ctx.Err())
-			}
-			continue
-		}
-		if s.wcancel != nil {
-			s.wcancel()
-			s.b.releaseStream(s.name)
-		}
-		s.name, s.wctx, s.wcancel, s.wch, s.start = name, wctx, wcancel, wch, rev
-		return nil
+	name := s.b.takeStream()
+	wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(s.b.withStream(s.ctx, name)))
+	stop := context.AfterFunc(ctx, wcancel)
+	wch := s.b.cli.Watch(wctx, s.dir, clientv3.WithPrefix(), clientv3.WithRev(rev))
+	if !stop() {
+		wcancel()
+		s.b.releaseStream(name)
+		return fmt.Errorf("etcd: opening the watch of %s: %w", s.dir, ctx.Err())
 	}
+	if s.wcancel != nil {
+		s.wcancel()
+		s.b.releaseStream(s.name)
+	}
+	s.name, s.wctx, s.wcancel, s.wch, s.start = name, wctx, wcancel, wch, rev
+	return nil
 }
 
 func (s *stream) Next(ctx context.Context) (driver.Event, error) {
