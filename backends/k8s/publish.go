@@ -489,7 +489,7 @@ func (b *backend) conflict(ctx context.Context, es *discoveryv1.EndpointSlice, o
 		// The holder's own claim decides, with no grace: a process
 		// restarted with the IDs of its crashed predecessor takes them
 		// back at once. Nothing is deleted on this judgment.
-		if r := leaseRecOf(l); (owner != "" && owner != l.UID) || time.Now().After(r.renew.Add(r.dur+b.opts.ClockSkew)) {
+		if r := leaseRecOf(l); (owner != "" && owner != l.UID) || time.Now().After(b.claimEnd(r.renew, r)) {
 			continue // that registration is dead
 		}
 		holder := ""

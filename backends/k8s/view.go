@@ -101,6 +101,12 @@ func (b *backend) deadline(r *leaseRec) time.Time {
 	if g := b.graceBase(); g.After(base) {
 		base = g
 	}
+	return b.claimEnd(base, r)
+}
+
+// claimEnd is when a Lease renewed at base stops being valid: its duration
+// plus the clock-skew allowance later.
+func (b *backend) claimEnd(base time.Time, r *leaseRec) time.Time {
 	return base.Add(r.dur + b.opts.ClockSkew)
 }
 
