@@ -7,18 +7,13 @@
 GO ?= go
 TEST_TIMEOUT ?= 60m
 
-.PHONY: test test-cluster demo servers vet bench
+.PHONY: test demo servers vet bench
 
 include mk/containers.mk
 
 test: servers vet
 	$(GO) test -race -count=1 -p 2 -timeout $(TEST_TIMEOUT) ./...
 	$(MAKE) test-containers
-
-# Fault tests against a 3-member etcd (freezing each member in turn); not yet
-# part of make test (see backends/etcd/cluster_test.go).
-test-cluster: servers
-	ROLLCALL_CLUSTER_TESTS=1 $(GO) test -race -count=1 -run 'TestFrozenMember' -timeout 20m ./backends/etcd/
 
 servers:
 	bash scripts/build-servers.sh all

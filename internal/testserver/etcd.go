@@ -446,6 +446,3 @@ func filterEnv(env []string, prefix string) []string {
 	}
 	return out
 }
-
-// Log returns what the server has logged so far.
-func (e *Etcd) Log() []byte { return e.proc.readLog() }

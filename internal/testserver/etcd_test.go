@@ -11,6 +11,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
+
+	"github.com/rollcall-go/rollcall/internal/testutil"
 )
 
 func TestMain(m *testing.M) {
@@ -211,4 +213,31 @@ func TestEtcd(t *testing.T) {
 			t.Errorf("get /k after Restart(true) = %q, want nothing", got)
 		}
 	})
+}
+
+// TestEtcdCluster: a 3-member cluster serves on every member; freezing its
+// leader makes the other two elect another, and the frozen member rejoins
+// once resumed.
+func TestEtcdCluster(t *testing.T) {
+	c := StartEtcdCluster(t, 3)
+	if len(c.Endpoints()) != 3 {
+		t.Fatalf("endpoints %v", c.Endpoints())
+	}
+	leader, err := c.Leader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Members[leader].Pause()
+	var next int
+	testutil.WaitFor(t, 30*time.Second, "a new leader among the members not frozen", func() bool {
+		l, err := c.Leader()
+		next = l
+		return err == nil && l != leader
+	})
+	c.Members[leader].Resume()
+	c.WaitHealthy()
+	if l, err := c.Leader(); err != nil || l < 0 {
+		t.Fatalf("after the resume: leader %d, %v", l, err)
+	}
+	t.Logf("leader %d frozen, %d elected", leader, next)
 }
