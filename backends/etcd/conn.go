@@ -37,7 +37,15 @@ const DefaultDialTimeout = 3 * time.Second
 //     before a restarted etcd, which extends every lease by about its TTL,
 //     lets it expire.
 //   - Keepalive pings every 5s, answered within 3s, notice a dead or frozen
-//     connection (unless cfg sets DialKeepAliveTime itself).
+//     connection (unless cfg sets DialKeepAliveTime itself). gRPC raises
+//     keepalive times under 10s to 10s, so a connection to a frozen member
+//     is closed only about 13s after its last answer: until then the
+//     balancer keeps sending calls to it.
+//   - Reads, and the backend's own writes, are tried for a short time on
+//     one member and then again (on the next member: the balancer goes
+//     round the endpoints), with tries that double from 500ms, until the
+//     call's context ends: a frozen member of a cluster that has quorum
+//     delays a call by a try instead of failing it.
 func Configure(cfg *clientv3.Config) {
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = DefaultDialTimeout
@@ -50,7 +58,42 @@ func Configure(cfg *clientv3.Config) {
 			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 			MinConnectTimeout: cfg.DialTimeout,
 		}),
-		grpc.WithChainUnaryInterceptor(failFast))
+		grpc.WithChainUnaryInterceptor(shortTries, failFast))
+}
+
+// firstTry is the time a first try of a read or write may take on one
+// member before it is tried again; each try after it may take twice the
+// one before, up to maxTry.
+const firstTry, maxTry = 500 * time.Millisecond, 8 * time.Second
+
+// retriedKey marks the context of a write that may be tried again: the
+// backend's own transactions, which compare the key's revision or lease
+// and so cannot apply twice, grants (an extra lease expires unused) and
+// revokes.
+type retriedKey struct{}
+
+func retried(ctx context.Context) context.Context { return context.WithValue(ctx, retriedKey{}, true) }
+
+// shortTries is a unary client interceptor, between clientv3's retries and
+// failFast: a read (Range), or a write marked by retried, is tried with
+// its own deadline, firstTry then doubling, while the call's own context
+// lasts. A try that ran out of its deadline is made again at once: gRPC's
+// round-robin balancer sends it to the next member, so a member that does
+// not answer (frozen, partitioned, its connection not yet known dead)
+// costs one try, not the whole call. Errors other than a try's deadline
+// are returned as they are.
+func shortTries(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	if method != "/etcdserverpb.KV/Range" && ctx.Value(retriedKey{}) == nil {
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	for try := firstTry; ; try = min(2*try, maxTry) {
+		tctx, cancel := context.WithTimeout(ctx, try)
+		err := invoker(tctx, method, req, reply, cc, opts...)
+		cancel()
+		if err == nil || ctx.Err() != nil || tctx.Err() == nil || status.Code(err) != codes.DeadlineExceeded {
+			return err
+		}
+	}
 }
 
 // failFast is a unary client interceptor. It sits inside clientv3's retry

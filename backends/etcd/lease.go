@@ -77,7 +77,7 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		return nil, err
 	}
 	secs := int64((b.opts.TTL + time.Second - 1) / time.Second)
-	grant, err := b.cli.Grant(clientv3.WithRequireLeader(ctx), secs)
+	grant, err := b.cli.Grant(retried(clientv3.WithRequireLeader(ctx)), secs)
 	if err != nil {
 		return nil, err
 	}
@@ -104,20 +104,26 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 // keepAlive drains clientv3's keepalive responses. The channel closes when
 // the lease is gone or was not renewed within its TTL (clientv3 gives up
 // then, without saying which): keepAlive asks the server by renewing it
-// once. Gone: the session is dead. No answer: the session is unrenewed
-// (its publications are lost) and keeps renewing until the server answers.
-// Renewed: clientv3 keeps it alive again.
+// (short tries for about a second). Gone: the session is dead. No answer:
+// the session is unrenewed (its publications are lost) and keeps renewing
+// until the server answers. Renewed: clientv3 keeps it alive again.
+//
+// clientv3 sends its keepalives on one gRPC stream, to one member, and
+// notices nothing while that member is frozen: the stream stays open
+// (until gRPC's keepalive closes the connection, about 13s) and the
+// channel closes only when the TTL has run out, by when the lease is
+// expiring on the leader. So while the stream is silent for longer than a
+// renewal period, keepAlive renews the lease itself, through a new stream
+// per try (the balancer sends each to the next member): a frozen member of
+// a cluster with quorum never costs the registrations.
 func (b *backend) keepAlive(ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse) {
 	defer b.wg.Done()
 	for {
-		for range ka {
-		}
+		b.drain(ss, ka)
 		if ss.ctx.Err() != nil {
 			return
 		}
-		ctx, cancel := context.WithTimeout(ss.ctx, time.Second)
-		err := b.renew(ctx, ss)
-		cancel()
+		err := b.renewTries(ss, time.Second)
 		if err != nil && !isLeaseNotFound(err) {
 			b.unrenewed(ss)
 			for err != nil && !isLeaseNotFound(err) && ss.ctx.Err() == nil {
@@ -144,6 +150,74 @@ func (b *backend) keepAlive(ss *session, ka <-chan *clientv3.LeaseKeepAliveRespo
 				b.loseSession(ss, fmt.Errorf("%w: %w", ErrLeaseLost, err))
 			}
 			return
+		}
+	}
+}
+
+// drain reads ka until it closes or the session ends, renewing ss through
+// new streams while ka is silent for longer than clientv3's renewal period
+// (a third of the TTL, sent on a 500ms tick) and a margin, and until the
+// server says the lease is gone.
+func (b *backend) drain(ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse) {
+	ttl := b.opts.TTL
+	silent := ttl/3 + 600*time.Millisecond
+	tick := time.NewTicker(min(ttl/12, 250*time.Millisecond))
+	defer tick.Stop()
+	heard, renewed := time.Now(), time.Now()
+	logged := false
+	for {
+		select {
+		case _, ok := <-ka:
+			if !ok {
+				return
+			}
+			heard, renewed = time.Now(), time.Now()
+			logged = false
+		case <-ss.ctx.Done():
+			return
+		case <-tick.C:
+			if time.Since(heard) < silent || time.Since(renewed) < silent {
+				continue
+			}
+			try := max(ttl/10, 200*time.Millisecond)
+			ctx, cancel := context.WithTimeout(ss.ctx, try)
+			_, err := b.cli.KeepAliveOnce(ctx, ss.id)
+			cancel()
+			switch {
+			case err == nil:
+				renewed = time.Now()
+				if !logged {
+					logged = true
+					b.log.Info("etcd: the lease's keepalive stream went silent; renewed the lease through another stream",
+						"lease", fmt.Sprintf("%x", int64(ss.id)), "silent", time.Since(heard).Round(time.Millisecond))
+				}
+			case isLeaseNotFound(err):
+				return
+			}
+		}
+	}
+}
+
+// renewTries renews ss with tries of at most a tenth of the TTL (200ms at
+// least), each on a new stream, for at most budget.
+func (b *backend) renewTries(ss *session, budget time.Duration) error {
+	ctx, cancel := context.WithTimeout(ss.ctx, budget)
+	defer cancel()
+	try := max(b.opts.TTL/10, 200*time.Millisecond)
+	for {
+		tctx, tcancel := context.WithTimeout(ctx, try)
+		err := b.renew(tctx, ss)
+		tcancel()
+		if err == nil || isLeaseNotFound(err) || ctx.Err() != nil {
+			return err
+		}
+		if tctx.Err() == nil { // failed at once (no connection): not again at once
+			t := time.NewTimer(100 * time.Millisecond)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
 		}
 	}
 }
@@ -220,6 +294,8 @@ func (b *backend) guard(ss *session, service string, rev int64) {
 					b.keyGone(ss, string(ev.Kv.Key), ev.Kv.ModRevision, 0)
 				} else if lease := clientv3.LeaseID(ev.Kv.Lease); lease != ss.id {
 					b.keyGone(ss, string(ev.Kv.Key), ev.Kv.ModRevision, lease)
+				} else {
+					b.sweep(ss, ev.Kv)
 				}
 			}
 		}
@@ -238,6 +314,28 @@ func (b *backend) guard(ss *session, service string, rev int64) {
 		if r, err := b.verify(ss, service); err == nil {
 			rev = r
 		}
+	}
+}
+
+// sweep deletes kv, written with ss's lease, if no publication of ss holds
+// its key: a write that was tried again on another member (shortTries) and
+// that the first member, frozen meanwhile, applied when it thawed, after
+// the key was withdrawn. The delete applies only to that very write.
+func (b *backend) sweep(ss *session, kv *mvccpb.KeyValue) {
+	b.mu.Lock()
+	p := b.pubs[string(kv.Key)]
+	b.mu.Unlock()
+	if p != nil && p.sess == ss {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ss.ctx, b.opts.ProgressTimeout)
+	defer cancel()
+	resp, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
+		If(clientv3.Compare(clientv3.ModRevision(string(kv.Key)), "=", kv.ModRevision), clientv3.Compare(clientv3.LeaseValue(string(kv.Key)), "=", ss.id)).
+		Then(clientv3.OpDelete(string(kv.Key))).
+		Commit()
+	if err == nil && resp.Succeeded {
+		b.log.Warn("etcd: deleted a key of this registry's lease that no registration holds (a write applied late)", "key", string(kv.Key), "revision", kv.ModRevision)
 	}
 }
 
@@ -405,7 +503,7 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 // returns the revision of the write.
 func (b *backend) put(ctx context.Context, p *publication, val, addr string) (int64, error) {
 	cmp := clientv3.Compare(clientv3.CreateRevision(p.key), "=", 0)
-	ctx = clientv3.WithRequireLeader(ctx)
+	ctx = retried(clientv3.WithRequireLeader(ctx))
 	for range 5 {
 		resp, err := b.cli.Txn(ctx).If(cmp).
 			Then(clientv3.OpPut(p.key, val, clientv3.WithLease(p.sess.id))).
@@ -496,8 +594,14 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 		return err
 	}
 	b := p.b
-	resp, err := b.cli.Txn(clientv3.WithRequireLeader(ctx)).
-		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id)).
+	// The key must carry the lease and be as this publication last wrote
+	// it: a try of an earlier Update that a frozen member applies late
+	// cannot write over a newer value.
+	b.mu.Lock()
+	rev := p.rev
+	b.mu.Unlock()
+	resp, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
+		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id), clientv3.Compare(clientv3.ModRevision(p.key), "=", rev)).
 		Then(clientv3.OpPut(p.key, val, clientv3.WithLease(p.sess.id))).
 		Else(clientv3.OpGet(p.key, clientv3.WithKeysOnly())).
 		Commit()
@@ -530,7 +634,7 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	b := p.b
 	last := b.forget(p)
 	p.Lose(errWithdrawn)
-	_, err := b.cli.Txn(clientv3.WithRequireLeader(ctx)).
+	_, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
 		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id)).
 		Then(clientv3.OpDelete(p.key)).
 		Commit()
@@ -561,7 +665,7 @@ func (b *backend) retire(ctx context.Context, ss *session) error {
 	b.sessMu.Unlock()
 	ss.Lose(errNoRegistrations)
 	ss.cancel()
-	if _, err := b.cli.Revoke(ctx, ss.id); err != nil && !isLeaseNotFound(err) {
+	if _, err := b.cli.Revoke(retried(ctx), ss.id); err != nil && !isLeaseNotFound(err) {
 		return classify(err)
 	}
 	return nil
