@@ -69,6 +69,13 @@ func RunConformanceTests(t *testing.T, newHarness HarnessMaker) {
 		{"PermissionDeniedIsReported", testPermissionDenied},
 		{"NoGoroutineLeaksAfterFaults", testNoLeaksAfterFaults},
 	}
+	// Clustered registries (harnesses that are a ClusterMaker).
+	for _, ct := range clusterTests {
+		tests = append(tests, struct {
+			name string
+			fn   func(*testing.T, Harness)
+		}{ct.name, func(t *testing.T, h Harness) { runCluster(t, h, ct.fn) }})
+	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
