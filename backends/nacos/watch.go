@@ -14,7 +14,9 @@ import (
 	"time"
 
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
+	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client/naming_cache"
 	"github.com/nacos-group/nacos-sdk-go/v2/model"
+	"github.com/nacos-group/nacos-sdk-go/v2/util"
 	"github.com/nacos-group/nacos-sdk-go/v2/vo"
 
 	"github.com/rollcall-go/rollcall/registry"
@@ -34,6 +36,7 @@ type subscription struct {
 
 	mu         sync.Mutex
 	subscribed bool
+	tried      bool // an SDK subscribe was made: the SDK may hold a redo entry for it
 	opening    *attempt // the SDK subscribe in progress, if any
 	dead       bool
 	ready      bool                       // snap holds a list from the server
@@ -151,7 +154,11 @@ func (s *subscription) openLocked(cli naming_client.INamingClient) error {
 		return nil
 	}
 	// The SDK calls s.onPush from inside Subscribe when the answer is new.
+	s.mu.Lock()
+	s.tried = true
+	s.mu.Unlock()
 	if err := cli.Subscribe(s.param); err != nil {
+		s.dropCallback(cli)
 		return fmt.Errorf("%w: nacos: subscribe to %s: %w", sdkErrKind(err), s.name, err)
 	}
 	s.mu.Lock()
@@ -171,13 +178,32 @@ func (s *subscription) openLocked(cli naming_client.INamingClient) error {
 	return nil
 }
 
+// dropCallback removes s.onPush from the SDK after a failed Subscribe:
+// nacos-sdk-go v2.3.5 adds the callback before its request and keeps it
+// when the request fails, so each failed try would leave one more (each
+// converting every push, for good). The SDK's own cache is reached as the
+// connection hook reaches it; with another client, Unsubscribe removes the
+// callback (and, none being left, tells the server, within the SDK's
+// request timeout).
+func (s *subscription) dropCallback(cli naming_client.INamingClient) {
+	if h, ok := serviceCache(cli); ok {
+		h.DeregisterCallback(util.GetGroupName(s.param.ServiceName, s.param.GroupName), "",
+			naming_cache.NewSubscribeCallbackFuncWrapper(naming_cache.NewClusterSelector(s.param.Clusters), &s.param.SubscribeCallback))
+		return
+	}
+	_ = cli.Unsubscribe(s.param)
+}
+
 // unsubscribe drops the SDK subscription. The subscription is dead after it.
 func (s *subscription) unsubscribe(cli naming_client.INamingClient) {
 	l := s.b.nameLock(s.name)
 	l.Lock()
 	defer l.Unlock()
 	s.mu.Lock()
-	was := s.subscribed
+	// A subscribe that failed still left the SDK a redo entry, which its
+	// reconnect turns into a subscription on the server: unsubscribe then
+	// too.
+	was := s.subscribed || s.tried
 	s.dead, s.subscribed = true, false
 	s.mu.Unlock()
 	if was {
