@@ -36,7 +36,7 @@ type subscription struct {
 
 	mu         sync.Mutex
 	subscribed bool
-	tried      bool // an SDK subscribe was made: the SDK may hold a redo entry for it
+	tried      bool     // an SDK subscribe was made: the SDK may hold a redo entry for it
 	opening    *attempt // the SDK subscribe in progress, if any
 	dead       bool
 	ready      bool                       // snap holds a list from the server

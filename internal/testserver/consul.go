@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -43,6 +44,12 @@ type ConsulServer struct {
 	server  int
 	token   string // the management token, with ACL
 	proc    *child
+
+	// Of an agent of a ConsulCluster: the cluster's servers, which it
+	// retry-joins; a server among them bootstraps once all of them are up
+	// (bootstrap_expect).
+	servers []*ConsulServer
+	paused  atomic.Bool // between Pause and Resume
 }
 
 // ConsulServerOptions configure StartConsulServerWith.
@@ -218,6 +225,7 @@ func (c *ConsulServer) Pause() {
 	if err := c.proc.signal(syscall.SIGSTOP); err != nil {
 		c.t.Fatalf("testserver: consul: pause: %v", err)
 	}
+	c.paused.Store(true)
 }
 
 // Resume continues a paused process with SIGCONT.
@@ -226,6 +234,7 @@ func (c *ConsulServer) Resume() {
 	if err := c.proc.signal(syscall.SIGCONT); err != nil {
 		c.t.Fatalf("testserver: consul: resume: %v", err)
 	}
+	c.paused.Store(false)
 }
 
 // Stop kills the process with SIGKILL and waits for it to exit. The data
@@ -235,6 +244,7 @@ func (c *ConsulServer) Stop() {
 	if !c.proc.kill() {
 		c.t.Fatal("testserver: consul: Stop: not running")
 	}
+	c.paused.Store(false)
 }
 
 // Wipe removes the data directory of a stopped agent, so that the next Start
@@ -260,13 +270,35 @@ func (c *ConsulServer) Start() {
 }
 
 func (c *ConsulServer) start() error {
+	if err := c.launch(); err != nil {
+		return err
+	}
+	return c.waitReady()
+}
+
+// launch starts the process.
+func (c *ConsulServer) launch() error {
 	args := []string{"agent", "-server", "-bootstrap", "-data-dir=" + c.dataDir}
 	switch {
 	case c.opts.Dev:
 		args = []string{"agent", "-dev"}
 	case c.opts.Join != nil:
-		args = []string{"agent", "-data-dir=" + c.dataDir,
-			"-retry-join=127.0.0.1:" + strconv.Itoa(c.opts.Join.serfL), "-retry-interval=200ms"}
+		args = []string{"agent", "-data-dir=" + c.dataDir, "-retry-interval=200ms"}
+		join := c.servers
+		if len(join) == 0 {
+			join = []*ConsulServer{c.opts.Join}
+		}
+		for _, s := range join {
+			args = append(args, "-retry-join=127.0.0.1:"+strconv.Itoa(s.serfL))
+		}
+	case len(c.servers) > 0: // a server of a ConsulCluster
+		args = []string{"agent", "-server", "-bootstrap-expect=" + strconv.Itoa(len(c.servers)),
+			"-data-dir=" + c.dataDir, "-retry-interval=200ms"}
+		for _, s := range c.servers {
+			if s != c {
+				args = append(args, "-retry-join=127.0.0.1:"+strconv.Itoa(s.serfL))
+			}
+		}
 	}
 	args = append(args,
 		"-node="+c.node,
@@ -296,9 +328,12 @@ func (c *ConsulServer) start() error {
 		args = append(args, "-hcl="+h)
 	}
 	env := filterEnv(os.Environ(), "CONSUL_")
-	if err := c.proc.start(args, env); err != nil {
-		return err
-	}
+	return c.proc.start(args, env)
+}
+
+// waitReady waits until the agent knows a leader (and, per options, its
+// token works or it is in the catalog).
+func (c *ConsulServer) waitReady() error {
 	return c.proc.waitReady(func(ctx context.Context) error {
 		body, err := c.get(ctx, "", "/v1/status/leader")
 		if err != nil {
