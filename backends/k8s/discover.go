@@ -29,20 +29,70 @@ func listOptions(selector string, limit *int64) metav1.ListOptions {
 	return o
 }
 
-// list reads the Leases, then the slices of a target, consistently.
-func (b *backend) list(ctx context.Context, t target) (*coordinationv1.LeaseList, *discoveryv1.EndpointSliceList, error) {
+// leaseState is what a list knows of the Leases that gate registered
+// slices.
+type leaseState int
+
+const (
+	leasesNone      leaseState = iota // no slice written by this package: Leases not read
+	leasesListed                      // read: registered slices are gated by them
+	leasesForbidden                   // RBAC forbids reading them: registered slices are taken as they are
+)
+
+// list reads the slices of a target, then, if any of them was written by
+// this package, the Leases that gate them: discovering a plain Service
+// needs get, list and watch on endpointslices only. A registrar creates
+// its Lease before its slices, so every Lease a listed slice names was
+// there before the slices were read. When RBAC forbids reading Leases the
+// registered slices are taken as they are (see the package doc), with one
+// warning per backend.
+func (b *backend) list(ctx context.Context, t target) (*coordinationv1.LeaseList, *discoveryv1.EndpointSliceList, leaseState, error) {
 	rctx, cancel := context.WithTimeout(ctx, b.opts.RequestTimeout)
 	defer cancel()
-	leases, err := b.cs.CoordinationV1().Leases(b.ns).List(rctx, listOptions(leaseSelector, nil))
-	if err != nil {
-		return nil, nil, b.wrap(ctx, "list", resLeases, err)
-	}
 	slices, err := b.cs.DiscoveryV1().EndpointSlices(b.ns).List(rctx, listOptions(t.selector(), nil))
 	if err != nil {
-		return nil, nil, b.wrap(ctx, "list", resSlices, err)
+		return nil, nil, leasesNone, b.wrap(ctx, "list", resSlices, err)
+	}
+	if !anyRegistered(slices.Items) {
+		b.noteUp()
+		return &coordinationv1.LeaseList{}, slices, leasesNone, nil
+	}
+	leases, err := b.cs.CoordinationV1().Leases(b.ns).List(rctx, listOptions(leaseSelector, nil))
+	if apierrors.IsForbidden(err) {
+		b.noteUp()
+		b.leasesForbidden(err)
+		return &coordinationv1.LeaseList{}, slices, leasesForbidden, nil
+	}
+	if err != nil {
+		return nil, nil, leasesNone, b.wrap(ctx, "list", resLeases, err)
 	}
 	b.noteUp()
-	return leases, slices, nil
+	return leases, slices, leasesListed, nil
+}
+
+func anyRegistered(items []discoveryv1.EndpointSlice) bool {
+	for i := range items {
+		if registered(&items[i]) {
+			return true
+		}
+	}
+	return false
+}
+
+// registered reports whether es was written by this package's registrars.
+func registered(es *discoveryv1.EndpointSlice) bool {
+	return es.Labels[LabelManagedBy] == ManagedBy && es.Labels[LabelLease] != ""
+}
+
+// leasesForbidden logs, once per backend, that registered slices are taken
+// without their Leases.
+func (b *backend) leasesForbidden(err error) {
+	if b.leaseWarned.CompareAndSwap(false, true) {
+		b.log.Warn("k8s: RBAC forbids reading Leases: instances registered by rollcall are listed as their EndpointSlices are, "+
+			"without checking that their registrar still renews its Lease (a registrar that crashed stays listed until someone "+
+			"allowed to collect it does); grant get, list and watch on leases.coordination.k8s.io (deploy/rbac/discovery.yaml) to check them",
+			"namespace", b.ns, "err", err)
+	}
 }
 
 func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, error) {
@@ -53,12 +103,12 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	if err != nil {
 		return nil, err
 	}
-	leases, slices, err := b.list(ctx, t)
+	leases, slices, state, err := b.list(ctx, t)
 	if err != nil {
 		return nil, err
 	}
 	v := newView(b, t)
-	return v.reset(slices.Items, leases.Items), nil
+	return v.reset(slices.Items, leases.Items, state == leasesForbidden), nil
 }
 
 func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, error) {
@@ -244,19 +294,32 @@ func (s *stream) run() {
 // its resource version is too old (410 Gone).
 var errRelist = errors.New("k8s: relist")
 
+// errNeedLeases ends a watch without Leases when a registered slice
+// appears: the stream lists again, Leases too.
+var errNeedLeases = errors.New("k8s: a registered slice appeared; listing its Leases")
+
 func (s *stream) loop() error {
 	v := newView(s.b, s.t)
 	for {
-		leases, slices, err := s.b.list(s.ctx, s.t)
+		leases, slices, state, err := s.b.list(s.ctx, s.t)
 		if err != nil {
 			return err
 		}
-		for i := range slices.Items {
-			s.collectOrphan(&slices.Items[i], leases)
+		if state == leasesListed {
+			for i := range slices.Items {
+				s.collectOrphan(&slices.Items[i], leases)
+			}
 		}
-		s.push(driver.ResetEvent(v.reset(slices.Items, leases.Items)))
+		s.push(driver.ResetEvent(v.reset(slices.Items, leases.Items, state == leasesForbidden)))
 		start := time.Now()
-		err = s.watch(v, slices.ResourceVersion, leases.ResourceVersion)
+		leaseRV := leases.ResourceVersion
+		if state != leasesListed {
+			leaseRV = "" // no Lease watch
+		}
+		err = s.watch(v, slices.ResourceVersion, leaseRV, state)
+		if errors.Is(err, errNeedLeases) {
+			continue
+		}
 		if !errors.Is(err, errRelist) {
 			return err
 		}
@@ -266,9 +329,10 @@ func (s *stream) loop() error {
 	}
 }
 
-// watch follows the slices and the Leases from the listed resource
-// versions until the watch must be relisted or fails.
-func (s *stream) watch(v *view, sliceRV, leaseRV string) error {
+// watch follows the slices and, if they were listed (state), the Leases
+// from the listed resource versions until the watch must be relisted or
+// fails.
+func (s *stream) watch(v *view, sliceRV, leaseRV string, state leaseState) error {
 	b := s.b
 	// The server ends each watch after Resync (jittered), and the stream
 	// relists then.
@@ -281,13 +345,27 @@ func (s *stream) watch(v *view, sliceRV, leaseRV string) error {
 		return b.wrap(s.ctx, "watch", resSlices, err)
 	}
 	defer sw.Stop()
-	lw, err := b.cs.CoordinationV1().Leases(b.ns).Watch(s.ctx, metav1.ListOptions{
-		LabelSelector: leaseSelector, ResourceVersion: leaseRV, AllowWatchBookmarks: true, TimeoutSeconds: &secs,
-	})
-	if err != nil {
-		return b.wrap(s.ctx, "watch", resLeases, err)
+	var leaseEvents <-chan watch.Event // nil: no Lease watch
+	if state == leasesListed {
+		lw, err := b.cs.CoordinationV1().Leases(b.ns).Watch(s.ctx, metav1.ListOptions{
+			LabelSelector: leaseSelector, ResourceVersion: leaseRV, AllowWatchBookmarks: true, TimeoutSeconds: &secs,
+		})
+		if apierrors.IsForbidden(err) { // list allowed, watch not: as if both were forbidden
+			b.leasesForbidden(err)
+			v.blind = true
+			keys := make([]string, 0, len(v.byKey))
+			for k := range v.byKey {
+				keys = append(keys, k)
+			}
+			s.pushChanges(v.recompute(keys))
+			state = leasesForbidden
+		} else if err != nil {
+			return b.wrap(s.ctx, "watch", resLeases, err)
+		} else {
+			defer lw.Stop()
+			leaseEvents = lw.ResultChan()
+		}
 	}
-	defer lw.Stop()
 
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -310,6 +388,9 @@ func (s *stream) watch(v *view, sliceRV, leaseRV string) error {
 			switch ev.Type {
 			case watch.Added, watch.Modified:
 				if es, ok := ev.Object.(*discoveryv1.EndpointSlice); ok {
+					if state == leasesNone && registered(es) {
+						return errNeedLeases
+					}
 					keys = v.setSlice(es)
 				}
 			case watch.Deleted:
@@ -319,7 +400,7 @@ func (s *stream) watch(v *view, sliceRV, leaseRV string) error {
 			case watch.Error:
 				return s.watchError("endpointslices", ev.Object)
 			}
-		case ev, ok := <-lw.ResultChan():
+		case ev, ok := <-leaseEvents:
 			if !ok {
 				return errRelist
 			}
@@ -343,18 +424,24 @@ func (s *stream) watch(v *view, sliceRV, leaseRV string) error {
 				return err
 			}
 		}
-		if ups, dels := v.recompute(keys); len(ups)+len(dels) > 0 {
-			// Each key once, at its final state: the order does not matter.
-			cs := make([]driver.Change, 0, len(ups)+len(dels))
-			for _, in := range ups {
-				cs = append(cs, driver.Put(in))
-			}
-			for _, id := range dels {
-				cs = append(cs, driver.Delete(id))
-			}
-			s.push(driver.ChangeEvent(cs...))
-		}
+		s.pushChanges(v.recompute(keys))
 	}
+}
+
+// pushChanges delivers what recompute changed, if anything: each key once,
+// at its final state (the order does not matter).
+func (s *stream) pushChanges(ups []driver.Instance, dels []string) {
+	if len(ups)+len(dels) == 0 {
+		return
+	}
+	cs := make([]driver.Change, 0, len(ups)+len(dels))
+	for _, in := range ups {
+		cs = append(cs, driver.Put(in))
+	}
+	for _, id := range dels {
+		cs = append(cs, driver.Delete(id))
+	}
+	s.push(driver.ChangeEvent(cs...))
 }
 
 func (s *stream) watchError(what string, obj any) error {

@@ -210,7 +210,7 @@ func lookupIDs(t *testing.T, r registry.Registry, service string) []string {
 }
 
 func TestDiscovery(t *testing.T) {
-	env := startKube(t, "alice", "bob", "carol", "dave", "frank")
+	env := startKube(t, "alice", "bob", "carol", "dave", "frank", "kai")
 	t.Run("PlainServicePortsByNameNumberOrAll", func(t *testing.T) { testPlainService(t, env) })
 	t.Run("SlicesOfAServiceAreMerged", func(t *testing.T) { testMultiSlice(t, env) })
 	t.Run("ConditionsReadyServingTerminating", func(t *testing.T) { testConditions(t, env) })
@@ -219,6 +219,7 @@ func TestDiscovery(t *testing.T) {
 	t.Run("ExpiredLeaseHidesSlicesAndIsCollected", func(t *testing.T) { testExpiredLease(t, env) })
 	t.Run("OneLeasePerRegistryDeletedWithTheLastRegistration", func(t *testing.T) { testOneLease(t, env) })
 	t.Run("RBACRefusalNamesVerbAndResource", func(t *testing.T) { testRBAC(t, env) })
+	t.Run("ServicesNeedOnlyEndpointSliceRights", func(t *testing.T) { testServiceDiscoveryRBAC(t, env) })
 	t.Run("WatchOutlivesOpeningCtx", func(t *testing.T) { testWatchOutlivesOpeningCtx(t, env) })
 	t.Run("DuplicateIDIsAConflict", func(t *testing.T) { testDuplicateIDIsAConflict(t, env) })
 	t.Run("RacingDuplicatesLeaveOne", func(t *testing.T) { testRacingDuplicatesLeaveOne(t, env) })

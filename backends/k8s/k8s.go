@@ -123,8 +123,8 @@
 //
 // # Failures
 //
-// A watch is a list of the service's slices and of the Leases, then a watch
-// of each from the listed resource version with bookmarks, relisted (Reset)
+// A watch is a list of the service's slices and (if one of them is a
+// registered slice) of the Leases, then a watch of each from the listed resource version with bookmarks, relisted (Reset)
 // when the server ends it or answers 410 Gone, and at least every Resync.
 // While watches are open the backend checks the API server's /readyz every
 // HealthInterval (1s), unless a watch event arrived in the meantime; when it
@@ -139,9 +139,17 @@
 // resource; credentials the API server refuses (401) as an error naming
 // them. Both wrap registry.ErrPermission, never registry.ErrUnavailable: the
 // shared layer reports them as they are and retries them only at its
-// slowest backoff. Discovery needs get, list and watch on endpointslices and leases
-// (and delete on both to clean up expired registrations, optional);
-// registration needs create, get, list, update, patch and delete on both.
+// slowest backoff. Discovering plain Services needs get, list and watch on
+// endpointslices only (deploy/rbac/service-discovery.yaml): Leases are read
+// only when a listed slice was written by a rollcall registrar. When RBAC
+// forbids reading them, such slices are taken as they are (their endpoints'
+// conditions), without checking that their Lease is renewed: a crashed
+// registrar's instances stay listed until a process allowed to collect them
+// does (one warning per Registry says so), and discovery never fails for
+// it. Checking registered instances needs get, list and watch on leases too
+// (deploy/rbac/discovery.yaml; delete on both to clean up expired
+// registrations, optional); registration needs create, get, list, update,
+// patch and delete on both.
 //
 // Logging: the backend logs to Options.Logger, and client-go's klog is routed
 // to the Logger of the most recently created Registry (klog is global).
@@ -449,6 +457,8 @@ type backend struct {
 	ctx    context.Context // canceled by Close and crash
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // every goroutine of the backend
+
+	leaseWarned atomic.Bool // the warning that RBAC forbids reading Leases was logged
 
 	sessMu sync.Mutex // held while creating a Lease; never under mu
 

@@ -81,6 +81,7 @@ type view struct {
 	leaseSlices map[string]map[string]struct{} // Lease name → slices tied to it
 	ready       map[string]struct{}            // keys with a visible ready candidate
 	fallback    bool                           // no ready endpoint: use serving, terminating ones
+	blind       bool                           // RBAC forbids reading Leases: registered slices count as they are
 	out         map[string]driver.Instance     // what was delivered
 }
 
@@ -113,7 +114,7 @@ func (b *backend) claimEnd(base time.Time, r *leaseRec) time.Time {
 func (v *view) deadline(r *leaseRec) time.Time { return v.b.deadline(r) }
 
 func (v *view) visible(c *cand) bool {
-	if c.lease == "" {
+	if c.lease == "" || v.blind {
 		return true
 	}
 	r := v.leases[c.lease]
@@ -121,10 +122,11 @@ func (v *view) visible(c *cand) bool {
 }
 
 // reset replaces everything with a fresh list and returns the instances.
-func (v *view) reset(slices []discoveryv1.EndpointSlice, leases []coordinationv1.Lease) []driver.Instance {
+func (v *view) reset(slices []discoveryv1.EndpointSlice, leases []coordinationv1.Lease, blind bool) []driver.Instance {
 	now := time.Now()
 	fresh := newView(v.b, v.t)
 	*v = *fresh
+	v.blind = blind
 	for i := range leases {
 		r := leaseRecOf(&leases[i])
 		r.dead = now.After(v.deadline(r))
