@@ -299,13 +299,13 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		// This connection sent it already (before the loss, or the SDK's
 		// redo did after a reconnect): if the server shows it, there is
 		// nothing to send.
-		if st.sub.waitFor(ctx, redoGrace, "instance "+inst.ID, shown(inst)) == nil {
+		if st.sub.waitFor(ctx, redoGrace, "instance "+inst.ID, shown(inst, held)) == nil {
 			return b.published(p, old), nil
 		}
 	}
 	err = b.sync(ctx, cli, st, already)
 	if err == nil {
-		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst))
+		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst, held))
 	}
 	if err == nil {
 		// A registration of the ID at another address that raced with
@@ -389,10 +389,30 @@ func (b *backend) settleRemoval(ctx context.Context, cli naming_client.INamingCl
 	return b.sync(ctx, cli, st, true)
 }
 
-func shown(inst driver.Instance) func(map[string]driver.Instance) bool {
+// shown reports whether the server shows inst as rollcall sent it: its
+// address and every metadata key it sent, and none of the keys that prev
+// (what was sent of it before, if anything) had and inst drops. Keys the
+// server adds itself (Polaris' Nacos plugin adds internal-nacos-*) are not
+// rollcall's to wait for.
+func shown(inst, prev driver.Instance) func(map[string]driver.Instance) bool {
 	return func(m map[string]driver.Instance) bool {
 		cur, ok := m[inst.ID]
-		return ok && sameInstance(cur, inst)
+		if !ok || cur.Addr != inst.Addr {
+			return false
+		}
+		for k, v := range inst.Metadata {
+			if got, ok := cur.Metadata[k]; !ok || got != v {
+				return false
+			}
+		}
+		for k := range prev.Metadata {
+			if _, kept := inst.Metadata[k]; !kept {
+				if _, ok := cur.Metadata[k]; ok {
+					return false
+				}
+			}
+		}
+		return true
 	}
 }
 
@@ -451,7 +471,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	b.mu.Unlock()
 	err = b.sync(ctx, cli, st, false)
 	if err == nil {
-		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst))
+		err = b.settle(ctx, cli, st, "instance "+inst.ID, shown(inst, prev))
 	}
 	if err != nil {
 		b.mu.Lock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"sort"
@@ -58,7 +59,8 @@ type Server struct {
 	paused    bool
 	resumeCh  chan struct{} // closed by Resume
 	pushDelay time.Duration
-	ackWait   time.Duration // how long a push waits for its ack (pushTimeout)
+	addedMeta map[string]string // added to every registered instance (SetAddedMetadata)
+	ackWait   time.Duration     // how long a push waits for its ack (pushTimeout)
 	reqSeq    uint64
 
 	// Naming data. services holds what survives Stop (the services that exist
@@ -128,6 +130,15 @@ func (s *Server) Host() string { return s.host }
 
 // Port is Addr's port, the one to put in constant.ServerConfig.Port.
 func (s *Server) Port() uint64 { return uint64(s.httpPort) }
+
+// SetAddedMetadata makes the server add these metadata keys to every
+// instance registered from now on, as servers that keep bookkeeping in the
+// metadata do (Polaris' Nacos plugin adds internal-nacos-* keys).
+func (s *Server) SetAddedMetadata(md map[string]string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.addedMeta = maps.Clone(md)
+}
 
 // SetPushDelay sets the merge window between a change and its push (Nacos'
 // nacos.naming.push.pushTaskDelay). The default is DefaultPushDelay, as in

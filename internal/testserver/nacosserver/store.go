@@ -142,6 +142,11 @@ func removeIndex(m map[svcKey]map[string]struct{}, k svcKey, id string) {
 // replaced, and ClientServiceIndexesManager publishes a ServiceChangedEvent.
 func (s *Server) publishLocked(c *client, k svcKey, insts []model.Instance) {
 	s.ensureServiceLocked(k)
+	for i := range insts {
+		for key, v := range s.addedMeta {
+			insts[i].Metadata[key] = v
+		}
+	}
 	c.published[k] = insts
 	addIndex(s.publishers, k, c.id)
 	s.changedLocked(k)
