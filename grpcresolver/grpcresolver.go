@@ -70,8 +70,9 @@
 // pushed: it pushes no empty or shrunken list and reports no error that would
 // drop addresses. It reports an error only while no list has ever been known.
 // A list that is really empty (the service has no instances) is pushed.
-// gRPC's ResolveNow hints trigger a relist (registry Lookup), at most once per
-// WithResolveNowInterval; its result is used while the watch is stale.
+// gRPC's ResolveNow hints trigger a relist (registry Lookup) while the watch
+// is stale, at most once per WithResolveNowInterval; its result is used until
+// the watch is fresh again. While the watch is live, hints cost nothing.
 //
 // Resolvers that open the same registry URL share one registry.Registry; it
 // is closed when the last of them closes.

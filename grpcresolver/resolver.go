@@ -285,7 +285,9 @@ func sameEndpoints(a, b []resolver.Endpoint) bool {
 }
 
 // relistLoop serves ResolveNow hints with a Lookup, at most once per
-// interval.
+// interval, while the watch is stale: a live watch is at least as fresh as
+// a relist, whose result would be thrown away (gRPC sends a hint whenever a
+// connection fails, which a server going away does to every client).
 func (r *grpcResolver) relistLoop() {
 	defer r.wg.Done()
 	var last time.Time
@@ -307,6 +309,12 @@ func (r *grpcResolver) relistLoop() {
 		select { // hints that came while waiting are served by this relist
 		case <-r.hint:
 		default:
+		}
+		r.mu.Lock()
+		live := r.watchOK
+		r.mu.Unlock()
+		if live {
+			continue
 		}
 		last = time.Now()
 		ctx, cancel := context.WithTimeout(r.ctx, lookupTimeout)

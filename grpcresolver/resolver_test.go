@@ -308,6 +308,9 @@ func (c *countingRegistry) Lookup(ctx context.Context, service string) ([]regist
 	return c.Registry.Lookup(ctx, service)
 }
 
+// ResolveNow hints relist only while the watch is stale (issue 13 item 4:
+// a live watch's relists were thrown away), and then at most once per
+// interval.
 func TestResolveNowIsARateLimitedRelist(t *testing.T) {
 	e := newMemEnv(t)
 	reg := &countingRegistry{Registry: e.NewRegistry(t, time.Second)}
@@ -317,17 +320,26 @@ func TestResolveNowIsARateLimitedRelist(t *testing.T) {
 	r := build(t, grpcresolver.NewBuilder("rollcall", grpcresolver.WithRegistry(reg), grpcresolver.WithResolveNowInterval(interval)),
 		"rollcall:///svc", cc, resolver.BuildOptions{})
 	waitFor(t, 5*time.Second, "one endpoint", func() bool { return len(cc.ids()) == 1 })
-	start := time.Now()
-	for time.Since(start) < 2*time.Second {
-		r.ResolveNow(resolver.ResolveNowOptions{})
-		time.Sleep(5 * time.Millisecond) // a storm of hints, as failing connections send
+	storm := func() {
+		start := time.Now()
+		for time.Since(start) < 2*time.Second {
+			r.ResolveNow(resolver.ResolveNowOptions{})
+			time.Sleep(5 * time.Millisecond) // a storm of hints, as failing connections send
+		}
 	}
-	n := reg.lookups.Load()
-	if max := int64(2*time.Second/interval) + 1; n < 2 || n > max {
-		t.Fatalf("%d relists in 2s of hints, want 2..%d", n, max)
+	storm()
+	if n := reg.lookups.Load(); n != 0 {
+		t.Fatalf("%d relists in 2s of hints while the watch was live, want 0", n)
 	}
 	if s, _ := cc.count(); s != 1 {
-		t.Errorf("relists of a live watch pushed %d states", s-1)
+		t.Errorf("hints to a live watch pushed %d states", s-1)
+	}
+	e.Stop(t)
+	waitFor(t, 5*time.Second, "the resolver's watch to go stale", func() bool { return grpcresolver.WatchStale(r) })
+	storm()
+	n := reg.lookups.Load()
+	if max := int64(2*time.Second/interval) + 1; n < 2 || n > max {
+		t.Fatalf("%d relists in 2s of hints while the watch was stale, want 2..%d", n, max)
 	}
 }
 
