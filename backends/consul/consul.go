@@ -160,7 +160,10 @@
 //
 // Lookup and Watch read the health endpoint with passing entries only, so an
 // instance whose check turned critical disappears at once, long before Consul
-// reaps it. A watch is a loop of blocking queries; each answer is the full
+// reaps it. They ask with near=_agent, which keeps them off a client agent's
+// streaming backend: its local view answers as if fresh while the servers
+// have no leader, or while the one server it subscribed to is frozen; a
+// plain blocking query is forwarded to the leader and fails without one. A watch is a loop of blocking queries; each answer is the full
 // list and is delivered as a reset, which package registry diffs. The index
 // rules of Consul's documentation are kept: an answer whose index went
 // backwards is not delivered (the agent's view was reset: a restarted server,
@@ -181,6 +184,7 @@
 package consul
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -188,6 +192,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -431,6 +436,10 @@ type backend struct {
 	// live registrar took over on this agent: they are taken back only once
 	// that registrar's registration is no longer passing.
 	takenOver map[string]bool
+	// abandoned counts the publications whose Publish failed after their
+	// registration was sent and whose removal from the agent has not been
+	// confirmed yet (see abandon).
+	abandoned int
 }
 
 var (
@@ -509,7 +518,14 @@ func (b *backend) health(ctx context.Context, stop context.Context, service stri
 	if stop != nil {
 		defer context.AfterFunc(stop, cancel)()
 	}
-	q := &api.QueryOptions{WaitIndex: index, WaitTime: b.wait}
+	// near=_agent keeps the blocking queries off the client agent's
+	// streaming backend (the default since Consul 1.10), which answers them
+	// from a local view fed by one server's subscription: that view cannot
+	// fail, so a watch over it stays fresh while the servers have lost
+	// quorum, and stops changing, unnoticed, while its server is frozen.
+	// Without it a blocking query is an RPC that the servers forward to the
+	// leader, which fails without one and times out with a frozen server.
+	q := &api.QueryOptions{WaitIndex: index, WaitTime: b.wait, Near: "_agent"}
 	entries, meta, err := b.c.Health().Service(b.name(service), "", true, q.WithContext(qctx))
 	if err != nil {
 		if stop != nil && stop.Err() != nil && ctx.Err() == nil {
@@ -558,7 +574,9 @@ func (b *backend) mayRead(ctx, stop context.Context, service string) error {
 	return b.wrap(ctx, "checking read access to "+service, err)
 }
 
-// convert returns the instances of entries, skipping entries with no service.
+// convert returns the instances of entries, skipping entries with no
+// service, ordered by ID and address: near=_agent orders the answers by
+// round-trip time, which changes without the list changing.
 func (b *backend) convert(entries []*api.ServiceEntry) []driver.Instance {
 	out := make([]driver.Instance, 0, len(entries))
 	for _, e := range entries {
@@ -566,6 +584,9 @@ func (b *backend) convert(entries []*api.ServiceEntry) []driver.Instance {
 			out = append(out, in)
 		}
 	}
+	slices.SortStableFunc(out, func(x, y driver.Instance) int {
+		return cmp.Or(strings.Compare(x.ID, y.ID), strings.Compare(x.Addr, y.Addr))
+	})
 	return out
 }
 
@@ -656,6 +677,9 @@ func (b *backend) Close() error {
 	}
 	b.cancel() // the renewal loop stops renewing
 	b.wg.Wait()
+	b.mu.Lock()
+	leftover = leftover || b.abandoned > 0 // registrations of failed Publishes not removed
+	b.mu.Unlock()
 	var err error
 	if live {
 		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)

@@ -233,11 +233,11 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		old.Lose(errReplaced)
 	}
 	if err := b.register(ctx, reg); err != nil {
-		b.forget(p)
+		b.abandon(p) // a registration that timed out may still land
 		return nil, err
 	}
 	if err := b.visible(ctx, ss, reg); err != nil {
-		b.forget(p)
+		b.abandon(p)
 		return nil, err
 	}
 	b.mu.Lock()
@@ -248,6 +248,81 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 		p.Lose(ss.Err())
 	}
 	return p, nil
+}
+
+// abandon drops p, whose Publish failed after its registration was sent,
+// and removes that registration from the agent, which may hold it (the
+// registration went through, or timed out and lands later): nobody holds a
+// Registration to deregister it, and it aliases the live session, so it
+// would pass for as long as the session is renewed. The removal runs in the
+// background, at once and then with a backoff from retryMin up to the
+// renewal interval, until the agent confirms it or the backend closes (Close
+// then fails the session instead of removing it, so that what is left is
+// critical). It leaves a registration alone that another registrar holds, or
+// that a newer publication of the same instance made before the removal
+// looked; one made while the removal is in flight may be removed, which the
+// next renewal round finds (ErrServiceGone) and package registry repairs.
+func (b *backend) abandon(p *publication) {
+	p.Lose(errWithdrawn)
+	if !b.forget(p) {
+		return // replaced: the newer publication owns the service ID
+	}
+	b.mu.Lock()
+	b.abandoned++
+	if b.closed {
+		b.mu.Unlock()
+		return
+	}
+	b.wg.Add(1)
+	b.mu.Unlock()
+	go func() {
+		defer b.wg.Done()
+		delay := retryMin
+		for {
+			err := b.removeAbandoned(p)
+			if err == nil {
+				b.mu.Lock()
+				b.abandoned--
+				b.mu.Unlock()
+				return
+			}
+			b.log.Debug("consul: removing the registration of a failed Publish", "service_id", p.sid, "err", err)
+			t := time.NewTimer(delay)
+			select {
+			case <-b.ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			delay = min(2*delay, max(b.ttl/3, retryMin))
+		}
+	}()
+}
+
+// removeAbandoned deregisters the abandoned publication p's service from the
+// agent if the agent holds it with p's check and no newer publication of
+// the same service ID exists.
+func (b *backend) removeAbandoned(p *publication) error {
+	info, err := b.localHealth(b.ctx, p.sid)
+	if err != nil {
+		return err
+	}
+	if info == nil || info.Service == nil || !ownCheck(info.Checks, p.cid) {
+		return nil // never landed, gone, or another registrar's
+	}
+	b.mu.Lock()
+	newer := b.pubs[p.sid] != nil
+	b.mu.Unlock()
+	if newer {
+		return nil // registered again since: that registration is live
+	}
+	ctx, cancel := b.bound(b.ctx, b.opts.RequestTimeout)
+	defer cancel()
+	err = b.c.Agent().ServiceDeregisterOpts(p.sid, (&api.QueryOptions{}).WithContext(ctx))
+	if err != nil && !isStatus(err, 404) {
+		return b.wrap(b.ctx, "deregister", err)
+	}
+	return nil
 }
 
 // claim checks, before reg is written, that no other live registrar holds
