@@ -198,13 +198,14 @@ func (b *backend) drain(ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse)
 	}
 }
 
-// renewTries renews ss with tries of at most a tenth of the TTL (200ms at
-// least), each on a new stream, for at most budget.
+// renewTries renews ss for at most budget, each try on a new stream: the
+// first may take a tenth of the TTL (200ms at least), each later one twice
+// the one before (a loaded server answers late; a frozen one never).
 func (b *backend) renewTries(ss *session, budget time.Duration) error {
 	ctx, cancel := context.WithTimeout(ss.ctx, budget)
 	defer cancel()
 	try := max(b.opts.TTL/10, 200*time.Millisecond)
-	for {
+	for ; ; try *= 2 {
 		tctx, tcancel := context.WithTimeout(ctx, try)
 		err := b.renew(tctx, ss)
 		tcancel()
