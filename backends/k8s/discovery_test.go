@@ -220,6 +220,7 @@ func TestDiscovery(t *testing.T) {
 	t.Run("OneLeasePerRegistryDeletedWithTheLastRegistration", func(t *testing.T) { testOneLease(t, env) })
 	t.Run("RBACRefusalNamesVerbAndResource", func(t *testing.T) { testRBAC(t, env) })
 	t.Run("ServicesNeedOnlyEndpointSliceRights", func(t *testing.T) { testServiceDiscoveryRBAC(t, env) })
+	t.Run("KlogIsRoutedOnlyWhenAsked", func(t *testing.T) { testKlogIsRoutedOnlyWhenAsked(t, env) })
 	t.Run("WatchOutlivesOpeningCtx", func(t *testing.T) { testWatchOutlivesOpeningCtx(t, env) })
 	t.Run("DuplicateIDIsAConflict", func(t *testing.T) { testDuplicateIDIsAConflict(t, env) })
 	t.Run("RacingDuplicatesLeaveOne", func(t *testing.T) { testRacingDuplicatesLeaveOne(t, env) })

@@ -151,8 +151,9 @@
 // registrations, optional); registration needs create, get, list, update,
 // patch and delete on both.
 //
-// Logging: the backend logs to Options.Logger, and client-go's klog is routed
-// to the Logger of the most recently created Registry (klog is global).
+// Logging: the backend logs to Options.Logger. client-go's own logs (klog,
+// process-global) are left alone unless Options.RouteClientGoLogs asks for
+// them to go to the Logger too.
 //
 // A Registry is safe for concurrent use.
 package k8s
@@ -212,9 +213,14 @@ type Options struct {
 	// Identity is written as the Lease's holderIdentity; the host name and
 	// process ID when empty.
 	Identity string
-	// Logger receives the backend's log lines, and client-go's; slog.Default()
-	// when nil.
+	// Logger receives the backend's log lines; slog.Default() when nil.
 	Logger *slog.Logger
+	// RouteClientGoLogs also sends client-go's own log lines (klog) to
+	// Logger. klog is process-global: with it, every klog line of the
+	// process (an application that is itself a controller, its other
+	// clients) goes to the Logger of the most recently created Registry
+	// that set it. Off, klog is left as the application configured it.
+	RouteClientGoLogs bool
 	// Registry configures the shared layer. Its Logger defaults to Logger.
 	Registry registry.Options
 }
@@ -432,7 +438,9 @@ func newRegistry(cs kubernetes.Interface, own *ownClient, opts *Options) (regist
 	if o.Registry.Logger == nil {
 		o.Registry.Logger = o.Logger
 	}
-	routeKlog(o.Logger)
+	if o.RouteClientGoLogs {
+		routeKlog(o.Logger)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &backend{
 		cs: cs, own: own, ns: o.Namespace, opts: o,
