@@ -48,15 +48,6 @@ type Cluster interface {
 	WaitHealthy(ctx context.Context) error
 }
 
-// Limited is implemented by a Cluster whose servers' own design keeps it
-// from holding a property, whatever the client does. Limitation returns,
-// for the property's name, what fails and why, measured (the property is
-// then skipped with that text, and the limitation belongs in
-// docs/RELIABILITY.md); "" for every property the cluster is held to.
-type Limited interface {
-	Limitation(property string) string
-}
-
 // clusterTTL is the TTL of the cluster properties: long against the
 // members' election timeout, as production TTLs are.
 const clusterTTL = 5 * time.Second
@@ -79,18 +70,13 @@ type clusterRun struct {
 	c Cluster
 }
 
-func runCluster(t *testing.T, h Harness, name string, fn func(*testing.T, *clusterRun)) {
+func runCluster(t *testing.T, h Harness, fn func(*testing.T, *clusterRun)) {
 	cm, ok := h.(ClusterMaker)
 	if !ok {
 		t.Skip("the harness has no ClusterMaker: its backend runs as a single server here")
 	}
 	c, err := cm.MakeCluster(ctxT(t), t)
 	skipIfUnsupported(t, err)
-	if l, ok := c.(Limited); ok {
-		if why := l.Limitation(name); why != "" {
-			t.Skipf("a limitation of the servers, not of the client (see docs/RELIABILITY.md): %s", why)
-		}
-	}
 	fn(t, &clusterRun{t: t, c: c})
 }
 

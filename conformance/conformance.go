@@ -74,7 +74,7 @@ func RunConformanceTests(t *testing.T, newHarness HarnessMaker) {
 		tests = append(tests, struct {
 			name string
 			fn   func(*testing.T, Harness)
-		}{ct.name, func(t *testing.T, h Harness) { runCluster(t, h, ct.name, ct.fn) }})
+		}{ct.name, func(t *testing.T, h Harness) { runCluster(t, h, ct.fn) }})
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -520,11 +520,20 @@ func endpointAddr(es *discoveryv1.EndpointSlice) string {
 	return net.JoinHostPort(host, port)
 }
 
-// olderSlice orders slices by creation, then name: of two registrations of
-// one ID racing, the older slice stands.
+// olderSlice orders slices by creation: of two registrations of one ID
+// racing, the older slice stands. creationTimestamp has whole seconds; within
+// one second the order is the resource versions' (the API server's etcd
+// revisions, increasing with every write), then the names. Ordering ties by
+// name alone let both stand: the slice created first checked before the
+// other existed, and the other, first by name, counted itself older.
 func olderSlice(a, b *discoveryv1.EndpointSlice) bool {
 	if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
 		return a.CreationTimestamp.Before(&b.CreationTimestamp)
+	}
+	ra, errA := strconv.ParseUint(a.ResourceVersion, 10, 64)
+	rb, errB := strconv.ParseUint(b.ResourceVersion, 10, 64)
+	if errA == nil && errB == nil && ra != rb {
+		return ra < rb
 	}
 	return a.Name < b.Name
 }
