@@ -45,7 +45,17 @@
 // their Status says so; the backend keeps renewing it, and the
 // registrations publish again under it if it is still alive (a restarted
 // etcd extends every lease by about its TTL; the instances then never
-// disappear), or under a new lease if the server says it is gone.
+// disappear), or under a new lease if the server says it is gone. etcd
+// renews leases on its leader only, so a leader frozen (or stuck on its
+// disk) for most of the TTL finds the lease expired when it resumes, and
+// can revoke it through the new leader before it learns it lost the lead
+// (etcd-io/etcd#15247; 3.6's leadership check passes once the resumed
+// process ticks). So when a response carries a raft term later than the
+// one the lease was granted in, the backend grants a lease in the new
+// term, rewrites each of its keys under it (same value, in a transaction
+// that compares the key's lease and revision) and revokes the old lease:
+// one write per instance per leader election, and no instance ever
+// disappears. A key that changed meanwhile is registered again.
 //
 // Ownership: a key is written in a transaction that puts it only if it is
 // absent, carries a lease of this Registry, has no lease, or holds the same
@@ -80,6 +90,7 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -376,8 +387,18 @@ func (b *backend) list(ctx context.Context, service string) ([]driver.Instance, 
 }
 
 func (b *backend) Close() error {
+	// The live session, and one whose publications were being moved to it
+	// (rotate) with some left.
 	b.mu.Lock()
-	ss := b.sess
+	var live []clientv3.LeaseID
+	if b.sess != nil {
+		live = append(live, b.sess.id)
+	}
+	for _, p := range b.pubs {
+		if !slices.Contains(live, p.sess.id) {
+			live = append(live, p.sess.id)
+		}
+	}
 	b.sess = nil
 	b.mu.Unlock()
 	b.cliMu.Lock()
@@ -385,10 +406,12 @@ func (b *backend) Close() error {
 	b.cancel() // no connect after this
 	b.cliMu.Unlock()
 	var err error
-	if ss != nil {
+	if len(live) > 0 {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		if _, rerr := cli.Revoke(ctx, ss.id); rerr != nil && !isLeaseNotFound(rerr) {
-			err = classify(rerr)
+		for _, id := range live {
+			if _, rerr := cli.Revoke(ctx, id); rerr != nil && !isLeaseNotFound(rerr) {
+				err = errors.Join(err, classify(rerr))
+			}
 		}
 		cancel()
 	}

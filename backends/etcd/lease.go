@@ -44,6 +44,8 @@ type session struct {
 	guards map[string]bool // service directories guarded
 	retire bool            // no publication left: being revoked, never handed out again
 	stale  bool            // unrenewed: the keepalive got no answer within the TTL
+	term   uint64          // the raft term the lease was granted in
+	moving bool            // its publications are being moved to a lease of a later term
 }
 
 // session returns the live session, granting a lease and starting its
@@ -70,6 +72,18 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		}
 		b.loseSession(cur, ErrLeaseLost)
 	}
+	ss, err := b.grant(ctx)
+	if err != nil {
+		return nil, err
+	}
+	b.mu.Lock()
+	b.sess = ss
+	b.mu.Unlock()
+	return ss, nil
+}
+
+// grant grants a lease and starts its keepalive; b.sessMu is held.
+func (b *backend) grant(ctx context.Context) (*session, error) {
 	if b.ctx.Err() != nil {
 		return nil, errors.New("etcd: backend closed")
 	}
@@ -91,9 +105,8 @@ func (b *backend) session(ctx context.Context) (*session, error) {
 		cancel()
 		return nil, err
 	}
-	ss := &session{id: grant.ID, ctx: sctx, cancel: cancel, guards: map[string]bool{}}
+	ss := &session{id: grant.ID, ctx: sctx, cancel: cancel, guards: map[string]bool{}, term: grant.RaftTerm}
 	b.mu.Lock()
-	b.sess = ss
 	b.leases[grant.ID] = true
 	b.mu.Unlock()
 	b.wg.Add(1)
@@ -167,10 +180,11 @@ func (b *backend) drain(ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse)
 	logged := false
 	for {
 		select {
-		case _, ok := <-ka:
+		case resp, ok := <-ka:
 			if !ok {
 				return
 			}
+			b.sawTerm(resp.RaftTerm)
 			heard, renewed = time.Now(), time.Now()
 			logged = false
 		case <-ss.ctx.Done():
@@ -181,10 +195,11 @@ func (b *backend) drain(ss *session, ka <-chan *clientv3.LeaseKeepAliveResponse)
 			}
 			try := max(ttl/10, 200*time.Millisecond)
 			ctx, cancel := context.WithTimeout(ss.ctx, try)
-			_, err := b.cli.KeepAliveOnce(ctx, ss.id)
+			resp, err := b.cli.KeepAliveOnce(ctx, ss.id)
 			cancel()
 			switch {
 			case err == nil:
+				b.sawTerm(resp.RaftTerm)
 				renewed = time.Now()
 				if !logged {
 					logged = true
@@ -247,9 +262,11 @@ func (b *backend) unrenewed(ss *session) {
 func (b *backend) renew(ctx context.Context, ss *session) error {
 	ctx, cancel := context.WithTimeout(ctx, b.opts.TTL)
 	defer cancel()
-	if _, err := b.cli.KeepAliveOnce(ctx, ss.id); err != nil {
+	resp, err := b.cli.KeepAliveOnce(ctx, ss.id)
+	if err != nil {
 		return err
 	}
+	b.sawTerm(resp.RaftTerm)
 	b.mu.Lock()
 	was := ss.stale
 	ss.stale = false
@@ -258,6 +275,160 @@ func (b *backend) renew(ctx context.Context, ss *session) error {
 		b.log.Info("etcd: lease renewed after going unrenewed for longer than its TTL", "lease", fmt.Sprintf("%x", int64(ss.id)))
 	}
 	return nil
+}
+
+// sawTerm notes a raft term a response carried. A term later than the
+// one the live session's lease was granted in means the cluster elected a
+// leader since, and the old one may come back: etcd renews leases on the
+// leader only, so a leader that was frozen (or stuck on its disk) past the
+// TTL finds the lease expired in its own view when it resumes, and it can
+// revoke it through the new leader before it learns it lost the lead
+// (etcd-io/etcd#15247; 3.6's ensureLeadership check passes as soon as a
+// resumed process ticks again). So the session's publications move to a
+// lease granted in the new term, which the old leader never saw expire,
+// and the old lease is revoked: the instances stay registered throughout.
+func (b *backend) sawTerm(term uint64) {
+	b.mu.Lock()
+	ss := b.sess
+	if ss == nil || term <= ss.term || ss.moving || ss.retire || ss.stale || ss.n == 0 || ss.IsLost() || b.ctx.Err() != nil {
+		b.mu.Unlock()
+		return
+	}
+	ss.moving = true
+	b.wg.Add(1)
+	b.mu.Unlock()
+	go b.rotate(ss, term)
+}
+
+// rotate grants a lease and moves old's publications to it: each key is
+// rewritten in place (same value, new lease) if it is still as its
+// publication last wrote it. A key changed meanwhile is lost and published
+// again; old is revoked once none of its publications is left on it.
+func (b *backend) rotate(old *session, term uint64) {
+	defer b.wg.Done()
+	ctx, cancel := context.WithTimeout(b.ctx, b.opts.TTL)
+	defer cancel()
+	b.sessMu.Lock()
+	b.mu.Lock()
+	current := b.sess == old && !old.retire && !old.stale && !old.IsLost()
+	b.mu.Unlock()
+	var ns *session
+	var err error
+	if current {
+		ns, err = b.grant(ctx)
+	}
+	if err != nil {
+		b.sessMu.Unlock()
+		b.mu.Lock()
+		old.moving = false // a later response tries again
+		b.mu.Unlock()
+		b.log.Warn("etcd: a leader was elected since the lease was granted; granting a lease in the new term failed", "err", err)
+		return
+	}
+	if ns == nil {
+		b.sessMu.Unlock()
+		return
+	}
+	b.mu.Lock()
+	b.sess = ns
+	old.retire = true // never handed out again; revoked once empty
+	// A publication being moved has rev 0, as one whose first put is in
+	// flight: a deletion or foreign write its guards see meanwhile is kept
+	// in goneAt, and the move decides once it knows its revision.
+	type move struct {
+		p    *publication
+		from int64
+	}
+	var moving []move
+	for _, p := range b.pubs {
+		if p.sess == old && p.rev != 0 { // a put in flight stays on old
+			p.sess = ns
+			old.n--
+			ns.n++
+			moving = append(moving, move{p, p.rev})
+			b.guardLocked(ns, p.service, p.rev)
+			p.rev = 0
+		}
+	}
+	empty := old.n == 0
+	b.mu.Unlock()
+	b.sessMu.Unlock()
+	b.log.Info("etcd: a leader was elected since the lease was granted; moving the registrations to a lease of the new term",
+		"lease", fmt.Sprintf("%x", int64(old.id)), "term", old.term, "new-lease", fmt.Sprintf("%x", int64(ns.id)), "new-term", term, "keys", len(moving))
+	for _, m := range moving {
+		b.move(ctx, m.p, m.from, old, ns)
+	}
+	if !empty {
+		return // a publication whose first put was in flight: Withdraw retires old
+	}
+	b.mu.Lock()
+	empty = old.n == 0
+	b.mu.Unlock()
+	if empty {
+		if err := b.retire(ctx, old); err != nil {
+			b.log.Warn("etcd: revoking the lease whose registrations moved to a new one", "lease", fmt.Sprintf("%x", int64(old.id)), "err", err)
+		}
+	}
+}
+
+// move rewrites p's key with ns's lease if it still carries old's lease at
+// revision from (or at one an Update of p under old wrote since). Otherwise,
+// or if the outcome is unknown, p is lost and its registration publishes
+// again; so it is if a guard saw the key deleted or overwritten after the
+// move.
+func (b *backend) move(ctx context.Context, p *publication, from int64, old, ns *session) {
+	for range 3 {
+		b.mu.Lock()
+		cur := b.pubs[p.key] == p
+		b.mu.Unlock()
+		if !cur {
+			return // withdrawn or replaced meanwhile; the guard sweeps a key left under ns
+		}
+		resp, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
+			If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", old.id), clientv3.Compare(clientv3.ModRevision(p.key), "=", from)).
+			Then(clientv3.OpPut(p.key, "", clientv3.WithIgnoreValue(), clientv3.WithLease(ns.id))).
+			Else(clientv3.OpGet(p.key, clientv3.WithKeysOnly())).
+			Commit()
+		if err != nil {
+			p.Lose(fmt.Errorf("etcd: moving %s to a new lease: %w", p.key, classify(err)))
+			return
+		}
+		var at int64
+		if resp.Succeeded {
+			at = resp.Header.Revision
+		} else {
+			kvs := resp.Responses[0].GetResponseRange().GetKvs()
+			var by clientv3.LeaseID
+			if len(kvs) > 0 {
+				by = clientv3.LeaseID(kvs[0].Lease)
+			}
+			switch by {
+			case old.id: // an Update of p under old since: move that
+				from = kvs[0].ModRevision
+				continue
+			case ns.id: // written under ns since (by an Update of p)
+				at = kvs[0].ModRevision
+			default:
+				b.mu.Lock()
+				lossErr := b.lossLocked(p.key, by)
+				b.mu.Unlock()
+				p.Lose(lossErr)
+				return
+			}
+		}
+		b.mu.Lock()
+		p.rev = max(p.rev, at)
+		var lossErr error
+		if p.goneAt > p.rev {
+			lossErr = b.lossLocked(p.key, p.goneBy)
+		}
+		b.mu.Unlock()
+		if lossErr != nil {
+			p.Lose(lossErr)
+		}
+		return
+	}
+	p.Lose(fmt.Errorf("etcd: %s changed under every attempt to move it to a new lease", p.key))
 }
 
 // guardLocked starts watching service's directory for deletions and
@@ -318,15 +489,17 @@ func (b *backend) guard(ss *session, service string, rev int64) {
 	}
 }
 
-// sweep deletes kv, written with ss's lease, if no publication of ss holds
-// its key: a write that was tried again on another member (shortTries) and
+// sweep deletes kv, written with ss's lease, if no publication holds its
+// key: a write that was tried again on another member (shortTries) and
 // that the first member, frozen meanwhile, applied when it thawed, after
-// the key was withdrawn. The delete applies only to that very write.
+// the key was withdrawn. The delete applies only to that very write. (A
+// late write over a key a publication holds under another lease is that
+// publication's guard's to judge.)
 func (b *backend) sweep(ss *session, kv *mvccpb.KeyValue) {
 	b.mu.Lock()
 	p := b.pubs[string(kv.Key)]
 	b.mu.Unlock()
-	if p != nil && p.sess == ss {
+	if p != nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ss.ctx, b.opts.ProgressTimeout)
@@ -473,28 +646,28 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 		}
 		return nil, err
 	}
+	// p.sess may change from here on (rotate moves publications whose put
+	// is done), so it is read under b.mu.
 	b.mu.Lock()
 	p.rev = rev
-	lost := p.goneAt > rev
 	var lossErr error
-	if lost {
+	if p.goneAt > rev {
 		lossErr = b.lossLocked(key, p.goneBy)
 	} else {
 		delete(b.takenBy, key)
 	}
-	b.guardLocked(p.sess, inst.Service, rev)
+	ss := p.sess
+	b.guardLocked(ss, inst.Service, rev)
+	switch {
+	case lossErr != nil:
+	case ss.IsLost():
+		lossErr = ss.Err()
+	case ss.stale:
+		lossErr = fmt.Errorf("%w: not renewed within its TTL (%v)", ErrLeaseLost, b.opts.TTL)
+	}
 	b.mu.Unlock()
-	if lost {
+	if lossErr != nil {
 		p.Lose(lossErr)
-	}
-	if p.sess.IsLost() {
-		p.Lose(p.sess.Err())
-	}
-	b.mu.Lock()
-	stale := p.sess.stale
-	b.mu.Unlock()
-	if stale {
-		p.Lose(fmt.Errorf("%w: not renewed within its TTL (%v)", ErrLeaseLost, b.opts.TTL))
 	}
 	return p, nil
 }
@@ -514,6 +687,7 @@ func (b *backend) put(ctx context.Context, p *publication, val, addr string) (in
 			return 0, err
 		}
 		if resp.Succeeded {
+			b.sawTerm(resp.Header.RaftTerm)
 			return resp.Header.Revision, nil
 		}
 		kvs := resp.Responses[0].GetResponseRange().GetKvs()
@@ -559,16 +733,16 @@ func isLeaseNotFound(err error) bool {
 	return errors.Is(err, errLeaseNotFound)
 }
 
-// forget drops p from the publications (once) and reports whether its
-// session has none left.
-func (b *backend) forget(p *publication) (last bool) {
+// forget drops p from the publications (once) and returns its session
+// and whether that has none left.
+func (b *backend) forget(p *publication) (ss *session, last bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.pubs[p.key] == p {
 		delete(b.pubs, p.key)
 		p.sess.n--
 	}
-	return p.sess.n == 0
+	return p.sess, p.sess.n == 0
 }
 
 type publication struct {
@@ -578,8 +752,9 @@ type publication struct {
 	service     string
 	sess        *session
 	// Guarded by b.mu: the revision of the last put of this publication (0
-	// while the first is in flight), and the latest deletion or foreign
-	// write the guard saw meanwhile.
+	// while the first is in flight, or while rotate moves it to a lease of
+	// a later term), and the latest deletion or foreign write the guard saw
+	// meanwhile.
 	rev    int64
 	goneAt int64
 	goneBy clientv3.LeaseID
@@ -599,11 +774,11 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	// it: a try of an earlier Update that a frozen member applies late
 	// cannot write over a newer value.
 	b.mu.Lock()
-	rev := p.rev
+	rev, lease := p.rev, p.sess.id
 	b.mu.Unlock()
 	resp, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
-		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id), clientv3.Compare(clientv3.ModRevision(p.key), "=", rev)).
-		Then(clientv3.OpPut(p.key, val, clientv3.WithLease(p.sess.id))).
+		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", lease), clientv3.Compare(clientv3.ModRevision(p.key), "=", rev)).
+		Then(clientv3.OpPut(p.key, val, clientv3.WithLease(lease))).
 		Else(clientv3.OpGet(p.key, clientv3.WithKeysOnly())).
 		Commit()
 	if err != nil {
@@ -623,6 +798,7 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 	b.mu.Lock()
 	p.rev = max(p.rev, resp.Header.Revision)
 	b.mu.Unlock()
+	b.sawTerm(resp.Header.RaftTerm)
 	return nil
 }
 
@@ -633,17 +809,17 @@ func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
 // revoked.
 func (p *publication) Withdraw(ctx context.Context) error {
 	b := p.b
-	last := b.forget(p)
+	ss, last := b.forget(p)
 	p.Lose(errWithdrawn)
 	_, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
-		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", p.sess.id)).
+		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", ss.id)).
 		Then(clientv3.OpDelete(p.key)).
 		Commit()
 	if err != nil {
 		return classify(err)
 	}
 	if last {
-		return b.retire(ctx, p.sess)
+		return b.retire(ctx, ss)
 	}
 	return nil
 }
