@@ -34,6 +34,7 @@ type svcState struct {
 	sentValid bool                       // false after a failed send: the server's state is unknown
 	dirty     bool                       // desired may differ from what the server has
 	retryAt   time.Time
+	forcedAt  time.Time // when a resend of an unchanged set (sync's force) last went out
 }
 
 // useState returns the state of service, creating it, and counts a user.
@@ -80,8 +81,9 @@ func sameSet(a, b map[string]driver.Instance) bool {
 }
 
 // sync sends st's desired instances unless the connection already holds
-// them (or always, with force). Concurrent callers are merged: whoever holds
-// sendSem sends everything desired at that time.
+// them (or always, with force: at most once per redoGrace, however many
+// callers wait for the server to show what was sent). Concurrent callers
+// are merged: whoever holds sendSem sends everything desired at that time.
 //
 // It returns when ctx is done, whatever the SDK is doing: the SDK's calls
 // take no context (they are bounded by its own request timeout), so the
@@ -97,6 +99,13 @@ func (b *backend) sync(ctx context.Context, cli naming_client.INamingClient, st 
 	want := maps.Clone(st.desired)
 	same := st.sentValid && sameSet(want, st.sent)
 	prev := maps.Clone(st.sent)
+	if same && force {
+		if time.Since(st.forcedAt) < redoGrace {
+			force = false // another waiter resent this very set just now
+		} else {
+			st.forcedAt = time.Now()
+		}
+	}
 	b.mu.Unlock()
 	if same && !force {
 		<-st.sendSem

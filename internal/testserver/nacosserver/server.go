@@ -7,6 +7,8 @@ import (
 	"maps"
 	"net"
 	"os"
+	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -60,6 +62,7 @@ type Server struct {
 	resumeCh  chan struct{} // closed by Resume
 	pushDelay time.Duration
 	addedMeta map[string]string // added to every registered instance (SetAddedMetadata)
+	writes    map[svcKey]Writes // register and batch-register requests handled, by service
 	ackWait   time.Duration     // how long a push waits for its ack (pushTimeout)
 	reqSeq    uint64
 
@@ -419,6 +422,46 @@ func (s *Server) PendingPushes(namespace, group, service string) int {
 // Instances returns every instance of a service as ServiceStorage would build
 // it now (disabled and unhealthy ones included), sorted by ip, port, cluster.
 // Empty namespace and group mean "public" and "DEFAULT_GROUP".
+// Writes counts the register requests a service received.
+type Writes struct {
+	Requests  int // registerInstance and batchRegisterInstance requests handled
+	Instances int // instances they carried
+	Unchanged int // requests that left the connection's publication as it was (resends)
+}
+
+// Writes returns the register requests service has received since the
+// server was made (restarts included).
+func (s *Server) Writes(namespace, group, service string) Writes {
+	k := helperKey(namespace, group, service)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.writes[k]
+}
+
+// wroteLocked counts a register request to k that publishes insts over
+// what the connection published before.
+func (s *Server) wroteLocked(k svcKey, insts, before []model.Instance) {
+	if s.writes == nil {
+		s.writes = map[svcKey]Writes{}
+	}
+	w := s.writes[k]
+	w.Requests++
+	w.Instances += len(insts)
+	if before != nil && len(before) == len(insts) {
+		same := true
+		for _, in := range insts {
+			if !slices.ContainsFunc(before, func(b model.Instance) bool { return reflect.DeepEqual(b, in) }) {
+				same = false
+				break
+			}
+		}
+		if same {
+			w.Unchanged++
+		}
+	}
+	s.writes[k] = w
+}
+
 func (s *Server) Instances(namespace, group, service string) []model.Instance {
 	k := helperKey(namespace, group, service)
 	s.mu.Lock()

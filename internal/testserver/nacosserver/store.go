@@ -147,6 +147,7 @@ func (s *Server) publishLocked(c *client, k svcKey, insts []model.Instance) {
 			insts[i].Metadata[key] = v
 		}
 	}
+	s.wroteLocked(k, insts, c.published[k])
 	c.published[k] = insts
 	addIndex(s.publishers, k, c.id)
 	s.changedLocked(k)
