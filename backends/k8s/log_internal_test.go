@@ -1,10 +1,8 @@
 package k8s
 
 import (
-	"bytes"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 
 	"time"
@@ -12,30 +10,14 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // testKlogIsRoutedOnlyWhenAsked (issue 11 item 4): a Registry leaves the
 // process's klog setup alone unless asked (RouteClientGoLogs); asked,
 // client-go's lines reach its Logger.
 func testKlogIsRoutedOnlyWhenAsked(t *testing.T, env *kubeEnv) {
-	var app, ours lockedBuffer
+	var app, ours testutil.Buffer
 	klog.SetSlogLogger(slog.New(slog.NewTextHandler(&app, nil))) // the application's own klog setup
 	defer klog.ClearLogger()
 	ns := env.namespace(t)

@@ -1,7 +1,6 @@
 package nacos_test
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"os"
@@ -277,28 +276,11 @@ func TestOneSubscriptionPerService(t *testing.T) {
 	waitFor(t, 15*time.Second, "the subscription to go", func() bool { return srv.Subscribers("", "", svc) == 0 })
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // The SDK's log lines reach the slog logger, without the password, and the
 // SDK writes no log file.
 func TestSDKLogsGoToSlog(t *testing.T) {
 	srv := startServer(t)
-	var buf syncBuffer
+	var buf testutil.Buffer
 	l := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	const password = "hunter22-secret"
 	dir := t.TempDir()

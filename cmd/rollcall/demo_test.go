@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rollcall-go/rollcall/internal/testutil"
 )
 
 // TestDemo runs the demo on a shorter schedule and checks that it told the
@@ -21,7 +23,7 @@ func TestDemo(t *testing.T) {
 		After:  time.Second,
 		Wait:   10 * time.Second,
 	}
-	var out syncBuffer
+	var out testutil.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	start := time.Now()

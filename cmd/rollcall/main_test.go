@@ -1,13 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"net"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -15,32 +13,15 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/rollcall-go/rollcall/backends/memory"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// syncBuffer is a bytes.Buffer safe for a writer and a reader.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // runner is one in-process run of the command, as `rollcall ARGS...`.
 type runner struct {
 	args        []string
-	out, errout syncBuffer
+	out, errout testutil.Buffer
 	cancel      context.CancelFunc // Ctrl-C
 	done        chan int
 }
@@ -57,7 +38,7 @@ func start(t *testing.T, args ...string) *runner {
 // exec runs the command to its end and returns its exit code.
 func exec(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
-	var out, errout syncBuffer
+	var out, errout testutil.Buffer
 	code = run(context.Background(), args, &out, &errout)
 	return code, out.String(), errout.String()
 }
