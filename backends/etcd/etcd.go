@@ -403,7 +403,9 @@ func (b *backend) Close() error {
 	b.mu.Unlock()
 	b.cliMu.Lock()
 	cli := b.cli
-	b.cancel() // no connect after this
+	b.mu.Lock() // sawTerm starts a goroutine only before this
+	b.cancel()  // no connect after this
+	b.mu.Unlock()
 	b.cliMu.Unlock()
 	var err error
 	if len(live) > 0 {
