@@ -12,6 +12,7 @@ import (
 
 	"github.com/rollcall-go/rollcall/backends/nacos"
 	"github.com/rollcall-go/rollcall/internal/testserver/nacosserver"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -40,7 +41,7 @@ func BenchmarkPropagation(b *testing.B) {
 		}
 	}
 	client := func(b *testing.B) *nacos.Client {
-		cli, err := nacos.NewClient(nacos.ClientOptions{Servers: []string{srv.Addr()}, CacheDir: b.TempDir()})
+		cli, err := nacos.NewClient(nacos.ClientOptions{Servers: []string{srv.Addr()}, CacheDir: testutil.TempDir(b)})
 		if err != nil {
 			b.Fatal(err)
 		}

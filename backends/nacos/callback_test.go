@@ -39,7 +39,7 @@ func TestFailedSubscribesLeaveNoCallback(t *testing.T) {
 		return // stopping the server makes the SDK race (see child_test.go)
 	}
 	srv := nacosserver.Start(t)
-	cli, err := nacos.NewClient(nacos.ClientOptions{Servers: []string{srv.Addr()}, CacheDir: t.TempDir(), Timeout: 500 * time.Millisecond})
+	cli, err := nacos.NewClient(nacos.ClientOptions{Servers: []string{srv.Addr()}, CacheDir: testutil.TempDir(t), Timeout: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

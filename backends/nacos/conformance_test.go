@@ -13,6 +13,7 @@ import (
 	"github.com/rollcall-go/rollcall/backends/nacos"
 	"github.com/rollcall-go/rollcall/conformance"
 	"github.com/rollcall-go/rollcall/internal/testserver/provider"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -33,7 +34,7 @@ type harness struct {
 func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
 	srv := provider.StartNacos(t)
 	srv.SetPushDelay(testPushDelay)
-	return &harness{t: t, srv: srv, dir: t.TempDir()}, nil
+	return &harness{t: t, srv: srv, dir: testutil.TempDir(t)}, nil
 }
 
 // newClient makes an SDK client of the harness's server.

@@ -6,6 +6,7 @@ import (
 	"github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client"
 
 	"github.com/rollcall-go/rollcall/internal/testserver/nacosserver"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 )
 
 type nopListener struct{}
@@ -19,7 +20,7 @@ type otherClient struct{ naming_client.INamingClient }
 // when an SDK upgrade moves them.
 func TestHookConnection(t *testing.T) {
 	srv := nacosserver.Start(t)
-	cli, err := NewClient(ClientOptions{Servers: []string{srv.Addr()}, CacheDir: t.TempDir()})
+	cli, err := NewClient(ClientOptions{Servers: []string{srv.Addr()}, CacheDir: testutil.TempDir(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

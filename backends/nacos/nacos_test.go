@@ -33,7 +33,7 @@ func newClient(t *testing.T, srv *nacosserver.Server, opts nacos.ClientOptions) 
 	t.Helper()
 	opts.Servers = []string{srv.Addr()}
 	if opts.CacheDir == "" {
-		opts.CacheDir = t.TempDir()
+		opts.CacheDir = testutil.TempDir(t)
 	}
 	cli, err := nacos.NewClient(opts)
 	if err != nil {
@@ -283,7 +283,7 @@ func TestSDKLogsGoToSlog(t *testing.T) {
 	var buf testutil.Buffer
 	l := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	const password = "hunter22-secret"
-	dir := t.TempDir()
+	dir := testutil.TempDir(t)
 	cli := newClient(t, srv, nacos.ClientOptions{Username: "nacos", Password: password, CacheDir: dir, Logger: l})
 	r := newRegistry(t, cli, &nacos.Options{Logger: l})
 	reg, err := r.Register(ctxT(t), registry.Instance{Service: "logged", ID: "a", Addr: "127.0.0.1:9001"})
