@@ -346,3 +346,48 @@ func TestRegistrationsOfOtherToolsAreDiscovered(t *testing.T) {
 		t.Fatalf("Lookup = %v, want [%v]", list, want)
 	}
 }
+
+// An instance whose check stays critical while its session passes (what a
+// Consul alias check that missed the session's edge looks like, for up to a
+// minute, after an agent restart: most likely why, in a CI run,
+// TestConformance/NoGoroutineLeaksAfterFaults never got its instances back
+// after the agent's restart) is registered again, which restores its alias
+// check. Here the instance's check is replaced by a critical TTL check of the
+// same ID.
+func TestInstanceCheckStuckCriticalIsRegisteredAgain(t *testing.T) {
+	srv := testserver.StartConsulServer(t)
+	r, _ := newRegistry(t, srv.Addr(), consul.Options{TTL: 3 * time.Second})
+	reg, err := r.Register(ctxFor(t, 10*time.Second), instance("stuck", "a", 9001))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := watchUpdates(t, r, "stuck")
+	nextUpdate(t, ch, 10*time.Second, "a", func(u registry.Update) bool { return slices.Equal(ids(u.Instances()), []string{"a"}) })
+	admin := newClient(t, srv.Addr(), newCutTransport())
+	checks, err := admin.Agent().ChecksWithFilterOpts(`ServiceName == "stuck"`, qopts(t))
+	if err != nil || len(checks) != 1 {
+		t.Fatalf("instance checks: %v, %v", checks, err)
+	}
+	for id, ck := range checks {
+		err := admin.Agent().CheckRegisterOpts(&api.AgentCheckRegistration{
+			ID: id, Name: "stuck by the test", ServiceID: ck.ServiceID,
+			AgentServiceCheck: api.AgentServiceCheck{TTL: "1h", Status: api.HealthCritical},
+		}, qopts(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for id := range checks { // a TTL check keeps the status of the check it replaced
+		if err := admin.Agent().UpdateTTLOpts(id, "stuck by the test", api.HealthCritical, qopts(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nextUpdate(t, ch, 10*time.Second, "a removed (its check is critical)", func(u registry.Update) bool {
+		return len(u.Removed) == 1 && !u.Stale
+	})
+	waitUntil(t, 20*time.Second, "re-registration", func() bool {
+		s := reg.Status()
+		return s.State == registry.Registered && s.Reregistrations >= 1
+	})
+	nextUpdate(t, ch, 10*time.Second, "a back", func(u registry.Update) bool { return slices.Equal(ids(u.Instances()), []string{"a"}) })
+}

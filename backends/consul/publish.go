@@ -68,7 +68,25 @@ type publication struct {
 	sid, cid    string // Consul service ID and its alias check's ID
 
 	live bool // registered on the agent; guarded by b.mu
+	// stuck counts consecutive renewal rounds that found the instance's
+	// check critical while the session's passed; renewLoop's only.
+	stuck int
 }
+
+// ErrCheckStuck: the instance's alias check stayed critical while the
+// session's check it mirrors passed. Consul's node-local alias checks are
+// edge-triggered (agent/checks/alias.go: a missed edge is corrected by a
+// refresh once a minute), and an agent restarted with its data can start an
+// alias check after the renewal that made the session pass: the instance
+// then stays invisible though everything is renewed. It is registered
+// again, which restarts its alias check.
+var ErrCheckStuck = errors.New("consul: the instance's alias check stayed critical while the session's check passed")
+
+// stuckRounds is how many consecutive renewal rounds must find an instance's
+// check critical, with the session's passing, before it is registered
+// again: an alias takes the session's status within moments, so two rounds
+// (TTL/3 apart) are not a transition.
+const stuckRounds = 2
 
 // session returns the live session, registering a new heartbeat if needed.
 func (b *backend) session(ctx context.Context) (*session, error) {
@@ -614,8 +632,18 @@ func (b *backend) renewRound(retry bool) error {
 			retry = false // renewed, then expired: renew again below
 		}
 		var taken []string
+		// A critical node check (serfHealth, maintenance) or another
+		// critical check of the session's service fails the alias too.
+		sessionPassing := states.status[ss.cid] == api.HealthPassing && !states.blocking[""] && !states.blocking[ss.sid]
 		for _, p := range pubs {
-			if _, ok := states.status[p.cid]; ok {
+			if st, ok := states.status[p.cid]; ok {
+				if st == api.HealthCritical && sessionPassing {
+					if p.stuck++; p.stuck >= stuckRounds {
+						p.Lose(ErrCheckStuck)
+					}
+				} else {
+					p.stuck = 0
+				}
 				continue
 			}
 			if states.services[p.sid] {
@@ -646,24 +674,32 @@ func (b *backend) renewRound(retry bool) error {
 
 // checks is what checkStates reads.
 type checks struct {
-	status   map[string]string // by check ID
-	services map[string]bool   // service IDs that have a check
+	status   map[string]string // TTL and alias checks, by check ID
+	services map[string]bool   // service IDs that have a TTL or alias check
+	blocking map[string]bool   // service IDs ("" for the node) with another check that is critical
 }
 
 // checkStates returns the status of the agent's TTL and alias checks, by
-// check ID, and the service IDs they belong to.
+// check ID, and the service IDs they belong to; and which of the sessions'
+// services, and whether the node, have another critical check (an alias
+// check mirrors those too).
 func (b *backend) checkStates(ctx context.Context) (checks, error) {
-	list, err := b.c.Agent().ChecksWithFilterOpts(`Type == "ttl" or Type == "alias"`, (&api.QueryOptions{}).WithContext(ctx))
+	filter := fmt.Sprintf(`Type == "ttl" or Type == "alias" or ServiceID == "" or ServiceName == %q`, b.name(SessionService))
+	list, err := b.c.Agent().ChecksWithFilterOpts(filter, (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
 		return checks{}, b.wrap(b.ctx, "list checks", err)
 	}
-	c := checks{status: make(map[string]string, len(list)), services: make(map[string]bool, len(list))}
+	c := checks{status: make(map[string]string, len(list)), services: make(map[string]bool, len(list)), blocking: map[string]bool{}}
 	for id, ck := range list {
-		if ck != nil {
+		switch {
+		case ck == nil:
+		case ck.Type == "ttl" || ck.Type == "alias":
 			c.status[id] = ck.Status
 			if ck.ServiceID != "" {
 				c.services[ck.ServiceID] = true
 			}
+		case ck.Status == api.HealthCritical:
+			c.blocking[ck.ServiceID] = true
 		}
 	}
 	return c, nil
