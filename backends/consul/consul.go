@@ -74,7 +74,11 @@
 // it critical outside an outage (its TTL lapsed while the process was
 // stalled, or someone failed it); one registration alone is lost when its
 // service is gone from the agent (someone deregistered it) or another
-// registrar took it over (see Duplicate IDs). A renewal the ACLs refuse loses
+// registrar took it over (see Duplicate IDs), or its alias check stays
+// critical for two rounds while the session's check passes (Consul's alias
+// checks are edge-triggered, with a refresh once a minute, and one started by
+// an agent restart can miss the session's edge: registering it again
+// restarts it; ErrCheckStuck). A renewal the ACLs refuse loses
 // the session with registry.ErrPermission. Deregister removes the service from
 // the agent at once, unless another registrar holds it by then; it may be
 // repeated after it failed. Close removes the session, or fails its check if
