@@ -293,6 +293,8 @@ type backend struct {
 	pubs    map[string]*publication     // by key
 	leases  map[clientv3.LeaseID]bool   // every lease this backend was granted
 	takenBy map[string]clientv3.LeaseID // key -> the other lease that overwrote this backend's publication of it
+
+	moveHook func(key string) // tests: called before a key is moved to a new lease
 }
 
 var (

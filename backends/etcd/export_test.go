@@ -15,3 +15,19 @@ func NewBackend(cli *clientv3.Client, opts *Options) driver.Backend {
 // ProgressNotifications returns how many progress notifications the
 // watches of b (made by NewBackend) have received.
 func ProgressNotifications(b driver.Backend) int64 { return b.(*backend).progressed.Load() }
+
+// Rotate makes b (made by NewBackend) act as if a response had shown a raft
+// term after its lease's: it moves its publications to a new lease.
+func Rotate(b driver.Backend) {
+	be := b.(*backend)
+	be.mu.Lock()
+	ss := be.sess
+	be.mu.Unlock()
+	if ss != nil {
+		be.sawTerm(ss.term + 1)
+	}
+}
+
+// SetMoveHook has f called with each key rotate is about to move, before
+// its transaction is sent.
+func SetMoveHook(b driver.Backend, f func(key string)) { b.(*backend).moveHook = f }

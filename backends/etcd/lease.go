@@ -355,34 +355,44 @@ func (b *backend) rotate(old *session, term uint64) {
 	b.sessMu.Unlock()
 	b.log.Info("etcd: a leader was elected since the lease was granted; moving the registrations to a lease of the new term",
 		"lease", fmt.Sprintf("%x", int64(old.id)), "term", old.term, "new-lease", fmt.Sprintf("%x", int64(ns.id)), "new-term", term, "keys", len(moving))
+	// The moves have a TTL of their own: old's keepalive keeps its keys
+	// meanwhile.
+	mctx, mcancel := context.WithTimeout(b.ctx, b.opts.TTL)
+	defer mcancel()
 	for _, m := range moving {
-		b.move(ctx, m.p, m.from, old, ns)
+		b.move(mctx, m.p, m.from, old, ns)
 	}
 	if !empty {
-		return // a publication whose first put was in flight: Withdraw retires old
+		return // a publication whose first put was in flight: Withdraw, or the publication replacing it, retires old
 	}
 	b.mu.Lock()
 	empty = old.n == 0
 	b.mu.Unlock()
 	if empty {
-		if err := b.retire(ctx, old); err != nil {
+		if err := b.retire(mctx, old); err != nil {
 			b.log.Warn("etcd: revoking the lease whose registrations moved to a new one", "lease", fmt.Sprintf("%x", int64(old.id)), "err", err)
 		}
 	}
 }
 
 // move rewrites p's key with ns's lease if it still carries old's lease at
-// revision from (or at one an Update of p under old wrote since). Otherwise,
-// or if the outcome is unknown, p is lost and its registration publishes
-// again; so it is if a guard saw the key deleted or overwritten after the
-// move.
+// revision from (or at one an Update of p under old wrote since). A key
+// deleted or overwritten meanwhile, or after the move (its guard sees it),
+// makes p lost: its registration publishes again. A try that failed is
+// made again until ctx ends; then p goes back on old, whose lease is then
+// kept until p is withdrawn or replaced (the key is either still on old,
+// or on ns, which old's guard takes as a loss).
 func (b *backend) move(ctx context.Context, p *publication, from int64, old, ns *session) {
-	for range 3 {
+	changed := 0
+	for {
 		b.mu.Lock()
 		cur := b.pubs[p.key] == p
 		b.mu.Unlock()
 		if !cur {
 			return // withdrawn or replaced meanwhile; the guard sweeps a key left under ns
+		}
+		if b.moveHook != nil {
+			b.moveHook(p.key)
 		}
 		resp, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
 			If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", old.id), clientv3.Compare(clientv3.ModRevision(p.key), "=", from)).
@@ -390,8 +400,17 @@ func (b *backend) move(ctx context.Context, p *publication, from int64, old, ns 
 			Else(clientv3.OpGet(p.key, clientv3.WithKeysOnly())).
 			Commit()
 		if err != nil {
-			p.Lose(fmt.Errorf("etcd: moving %s to a new lease: %w", p.key, classify(err)))
-			return
+			if ctx.Err() != nil || isLeaseNotFound(err) {
+				b.unmove(p, from, old, ns, err)
+				return
+			}
+			t := time.NewTimer(100 * time.Millisecond) // an error that came at once: not again at once
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+			continue
 		}
 		var at int64
 		if resp.Succeeded {
@@ -402,11 +421,15 @@ func (b *backend) move(ctx context.Context, p *publication, from int64, old, ns 
 			if len(kvs) > 0 {
 				by = clientv3.LeaseID(kvs[0].Lease)
 			}
-			switch by {
-			case old.id: // an Update of p under old since: move that
+			switch {
+			case by == old.id && changed < 3: // an Update of p under old since: move that
+				changed++
 				from = kvs[0].ModRevision
 				continue
-			case ns.id: // written under ns since (by an Update of p)
+			case by == old.id:
+				p.Lose(fmt.Errorf("etcd: %s changed under every attempt to move it to a new lease", p.key))
+				return
+			case by == ns.id: // written under ns since (by an Update of p)
 				at = kvs[0].ModRevision
 			default:
 				b.mu.Lock()
@@ -428,7 +451,26 @@ func (b *backend) move(ctx context.Context, p *publication, from int64, old, ns 
 		}
 		return
 	}
-	p.Lose(fmt.Errorf("etcd: %s changed under every attempt to move it to a new lease", p.key))
+}
+
+// unmove puts p, whose move to ns did not complete in time, back on old.
+func (b *backend) unmove(p *publication, from int64, old, ns *session, err error) {
+	b.mu.Lock()
+	if b.pubs[p.key] == p && p.sess == ns {
+		p.sess = old
+		ns.n--
+		old.n++
+		p.rev = max(p.rev, from)
+	}
+	var lossErr error
+	if p.goneAt > p.rev {
+		lossErr = b.lossLocked(p.key, p.goneBy)
+	}
+	b.mu.Unlock()
+	if lossErr != nil {
+		p.Lose(lossErr)
+	}
+	b.log.Warn("etcd: moving a registration to the lease of the new term failed; it stays on its lease", "key", p.key, "lease", fmt.Sprintf("%x", int64(old.id)), "err", err)
 }
 
 // guardLocked starts watching service's directory for deletions and
@@ -632,6 +674,11 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 			if old != nil {
 				old.sess.n--
 				defer old.Lose(errors.New("etcd: replaced by a newer registration"))
+				if old.sess != ss && old.sess.retire && old.sess.n == 0 {
+					// Left on a lease rotate moved away from (unmove, or a
+					// put in flight then): nothing needs it now.
+					defer b.retireLater(old.sess)
+				}
 			}
 		}
 		b.mu.Unlock()
@@ -811,17 +858,61 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	b := p.b
 	ss, last := b.forget(p)
 	p.Lose(errWithdrawn)
-	_, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
-		If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", ss.id)).
-		Then(clientv3.OpDelete(p.key)).
-		Commit()
-	if err != nil {
+	if err := b.unput(ctx, p.key, ss.id); err != nil {
 		return classify(err)
 	}
 	if last {
 		return b.retire(ctx, ss)
 	}
 	return nil
+}
+
+// unput deletes key if it carries lease, or another lease of this backend
+// while no publication holds the key: rotate may be moving it between the
+// backend's leases (the move's transaction then finds it gone). A key
+// another registrar wrote, or that a newer publication holds, is left.
+func (b *backend) unput(ctx context.Context, key string, lease clientv3.LeaseID) error {
+	cmp := clientv3.Compare(clientv3.LeaseValue(key), "=", lease)
+	for range 5 {
+		resp, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
+			If(cmp).
+			Then(clientv3.OpDelete(key)).
+			Else(clientv3.OpGet(key, clientv3.WithKeysOnly())).
+			Commit()
+		if err != nil {
+			return err
+		}
+		kvs := resp.Responses[0].GetResponseRange().GetKvs()
+		if resp.Succeeded || len(kvs) == 0 {
+			return nil
+		}
+		b.mu.Lock()
+		ours := b.leases[clientv3.LeaseID(kvs[0].Lease)] && b.pubs[key] == nil
+		b.mu.Unlock()
+		if !ours {
+			return nil
+		}
+		cmp = clientv3.Compare(clientv3.ModRevision(key), "=", kvs[0].ModRevision)
+	}
+	return fmt.Errorf("etcd: %s changed under every attempt to delete it", key)
+}
+
+// retireLater retires ss in the background, within the TTL.
+func (b *backend) retireLater(ss *session) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ctx.Err() != nil {
+		return // Close revokes what is left
+	}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		ctx, cancel := context.WithTimeout(b.ctx, b.opts.TTL)
+		defer cancel()
+		if err := b.retire(ctx, ss); err != nil {
+			b.log.Warn("etcd: revoking a lease no registration uses", "lease", fmt.Sprintf("%x", int64(ss.id)), "err", err)
+		}
+	}()
 }
 
 // retire revokes ss once no publication uses it. It is safe to repeat
