@@ -335,10 +335,6 @@ func (b *backend) rotate(old *session, term uint64) {
 	// A publication being moved has rev 0, as one whose first put is in
 	// flight: a deletion or foreign write its guards see meanwhile is kept
 	// in goneAt, and the move decides once it knows its revision.
-	type move struct {
-		p    *publication
-		from int64
-	}
 	var moving []move
 	for _, p := range b.pubs {
 		if p.sess == old && p.rev != 0 { // a put in flight stays on old
@@ -359,7 +355,7 @@ func (b *backend) rotate(old *session, term uint64) {
 	// meanwhile.
 	mctx, mcancel := context.WithTimeout(b.ctx, b.opts.TTL)
 	defer mcancel()
-	for _, m := range moving {
+	for _, m := range b.moveAll(mctx, moving, old, ns) {
 		b.move(mctx, m.p, m.from, old, ns)
 	}
 	if !empty {
@@ -373,6 +369,60 @@ func (b *backend) rotate(old *session, term uint64) {
 			b.log.Warn("etcd: revoking the lease whose registrations moved to a new one", "lease", fmt.Sprintf("%x", int64(old.id)), "err", err)
 		}
 	}
+}
+
+// A move is a publication rotate moves, from its put at revision from.
+type move struct {
+	p    *publication
+	from int64
+}
+
+// maxMoves is how many keys moveAll moves in one transaction: etcd's
+// default --max-txn-ops is 128.
+const maxMoves = 128
+
+// moveAll moves the keys of ms to ns's lease in as few transactions as it
+// can, each applied only if every key in it is as its publication last
+// wrote it, so that the keys are on the new lease one round trip after the
+// rotation began. It returns the moves left for move, one by one: those of
+// a transaction that failed or found a key changed.
+func (b *backend) moveAll(ctx context.Context, ms []move, old, ns *session) (left []move) {
+	for len(ms) > 0 {
+		chunk := ms[:min(len(ms), maxMoves)]
+		ms = ms[len(chunk):]
+		cmps := make([]clientv3.Cmp, 0, 2*len(chunk))
+		puts := make([]clientv3.Op, 0, len(chunk))
+		for _, m := range chunk {
+			if b.moveHook != nil {
+				b.moveHook(m.p.key)
+			}
+			cmps = append(cmps, clientv3.Compare(clientv3.LeaseValue(m.p.key), "=", old.id), clientv3.Compare(clientv3.ModRevision(m.p.key), "=", m.from))
+			puts = append(puts, clientv3.OpPut(m.p.key, "", clientv3.WithIgnoreValue(), clientv3.WithLease(ns.id)))
+		}
+		var resp *clientv3.TxnResponse
+		err := b.tries(ctx, func(ctx context.Context) (err error) {
+			resp, err = b.cli.Txn(ctx).If(cmps...).Then(puts...).Commit()
+			return err
+		})
+		if err != nil || !resp.Succeeded {
+			left = append(left, chunk...)
+			continue
+		}
+		var lost []*publication
+		var errs []error
+		b.mu.Lock()
+		for _, m := range chunk {
+			m.p.rev = max(m.p.rev, resp.Header.Revision)
+			if m.p.goneAt > m.p.rev {
+				lost, errs = append(lost, m.p), append(errs, b.lossLocked(m.p.key, m.p.goneBy))
+			}
+		}
+		b.mu.Unlock()
+		for i, p := range lost {
+			p.Lose(errs[i])
+		}
+	}
+	return left
 }
 
 // move rewrites p's key with ns's lease if it still carries old's lease at
@@ -394,23 +444,18 @@ func (b *backend) move(ctx context.Context, p *publication, from int64, old, ns 
 		if b.moveHook != nil {
 			b.moveHook(p.key)
 		}
-		resp, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
-			If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", old.id), clientv3.Compare(clientv3.ModRevision(p.key), "=", from)).
-			Then(clientv3.OpPut(p.key, "", clientv3.WithIgnoreValue(), clientv3.WithLease(ns.id))).
-			Else(clientv3.OpGet(p.key, clientv3.WithKeysOnly())).
-			Commit()
+		var resp *clientv3.TxnResponse
+		err := b.tries(ctx, func(ctx context.Context) (err error) {
+			resp, err = b.cli.Txn(ctx).
+				If(clientv3.Compare(clientv3.LeaseValue(p.key), "=", old.id), clientv3.Compare(clientv3.ModRevision(p.key), "=", from)).
+				Then(clientv3.OpPut(p.key, "", clientv3.WithIgnoreValue(), clientv3.WithLease(ns.id))).
+				Else(clientv3.OpGet(p.key, clientv3.WithKeysOnly())).
+				Commit()
+			return err
+		})
 		if err != nil {
-			if ctx.Err() != nil || isLeaseNotFound(err) {
-				b.unmove(p, from, old, ns, err)
-				return
-			}
-			t := time.NewTimer(100 * time.Millisecond) // an error that came at once: not again at once
-			select {
-			case <-ctx.Done():
-			case <-t.C:
-			}
-			t.Stop()
-			continue
+			b.unmove(p, from, old, ns, err)
+			return
 		}
 		var at int64
 		if resp.Succeeded {
@@ -450,6 +495,34 @@ func (b *backend) move(ctx context.Context, p *publication, from int64, old, ns 
 			p.Lose(lossErr)
 		}
 		return
+	}
+}
+
+// moveTry is how long one try of a move may take: moves race the old
+// leader's revocation of the old lease, so a try sent to a frozen member is
+// made again on the next one soon, not after doubling waits (shortTries).
+const moveTry = time.Second
+
+// tries calls f, a write that cannot apply twice, with a fresh moveTry
+// deadline until it succeeds, the server says the lease is gone, or ctx
+// ends. An error that came at once is not tried again at once.
+func (b *backend) tries(ctx context.Context, f func(context.Context) error) error {
+	for {
+		tctx, cancel := context.WithTimeout(retried(clientv3.WithRequireLeader(ctx)), moveTry)
+		err := f(tctx)
+		late := tctx.Err() != nil
+		cancel()
+		if err == nil || isLeaseNotFound(err) || ctx.Err() != nil {
+			return err
+		}
+		if !late {
+			t := time.NewTimer(100 * time.Millisecond)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+		}
 	}
 }
 
@@ -712,11 +785,43 @@ func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publicati
 	case ss.stale:
 		lossErr = fmt.Errorf("%w: not renewed within its TTL (%v)", ErrLeaseLost, b.opts.TTL)
 	}
+	var old, ns *session
+	var from int64
+	if lossErr == nil {
+		old, ns, from = b.takeLocked(p)
+	}
 	b.mu.Unlock()
 	if lossErr != nil {
 		p.Lose(lossErr)
 	}
+	if ns != nil {
+		// rotate moved the session's publications while this put was in
+		// flight: the old lease is the one a thawed leader may revoke.
+		b.move(ctx, p, from, old, ns)
+		b.mu.Lock()
+		empty := old.n == 0
+		b.mu.Unlock()
+		if empty {
+			b.retireLater(old)
+		}
+	}
 	return p, nil
+}
+
+// takeLocked moves p to the live session if rotate retired p's session
+// since p's put was sent, and returns the two sessions and the revision to
+// move from (ns nil if there is nothing to move). b.mu is held.
+func (b *backend) takeLocked(p *publication) (old, ns *session, from int64) {
+	old, ns = p.sess, b.sess
+	if b.pubs[p.key] != p || !old.retire || old.IsLost() || ns == nil || ns == old || ns.retire || ns.stale || ns.IsLost() {
+		return nil, nil, 0
+	}
+	p.sess = ns
+	old.n--
+	ns.n++
+	b.guardLocked(ns, p.service, p.rev)
+	from, p.rev = p.rev, 0
+	return old, ns, from
 }
 
 // put writes p's key with p's lease, in a transaction that succeeds only
