@@ -408,18 +408,8 @@ func (b *backend) moveAll(ctx context.Context, ms []move, old, ns *session) (lef
 			left = append(left, chunk...)
 			continue
 		}
-		var lost []*publication
-		var errs []error
-		b.mu.Lock()
 		for _, m := range chunk {
-			m.p.rev = max(m.p.rev, resp.Header.Revision)
-			if m.p.goneAt > m.p.rev {
-				lost, errs = append(lost, m.p), append(errs, b.lossLocked(m.p.key, m.p.goneBy))
-			}
-		}
-		b.mu.Unlock()
-		for i, p := range lost {
-			p.Lose(errs[i])
+			b.wrote(m.p, resp.Header.Revision)
 		}
 	}
 	return left
@@ -484,17 +474,23 @@ func (b *backend) move(ctx context.Context, p *publication, from int64, old, ns 
 				return
 			}
 		}
-		b.mu.Lock()
-		p.rev = max(p.rev, at)
-		var lossErr error
-		if p.goneAt > p.rev {
-			lossErr = b.lossLocked(p.key, p.goneBy)
-		}
-		b.mu.Unlock()
-		if lossErr != nil {
-			p.Lose(lossErr)
-		}
+		b.wrote(p, at)
 		return
+	}
+}
+
+// wrote records that p's key was written (or moved) at revision rev, and
+// loses p if a guard saw it deleted or overwritten after that.
+func (b *backend) wrote(p *publication, rev int64) {
+	b.mu.Lock()
+	p.rev = max(p.rev, rev)
+	var lossErr error
+	if p.goneAt > p.rev {
+		lossErr = b.lossLocked(p.key, p.goneBy)
+	}
+	b.mu.Unlock()
+	if lossErr != nil {
+		p.Lose(lossErr)
 	}
 }
 
@@ -529,19 +525,15 @@ func (b *backend) tries(ctx context.Context, f func(context.Context) error) erro
 // unmove puts p, whose move to ns did not complete in time, back on old.
 func (b *backend) unmove(p *publication, from int64, old, ns *session, err error) {
 	b.mu.Lock()
-	if b.pubs[p.key] == p && p.sess == ns {
+	back := b.pubs[p.key] == p && p.sess == ns
+	if back {
 		p.sess = old
 		ns.n--
 		old.n++
-		p.rev = max(p.rev, from)
-	}
-	var lossErr error
-	if p.goneAt > p.rev {
-		lossErr = b.lossLocked(p.key, p.goneBy)
 	}
 	b.mu.Unlock()
-	if lossErr != nil {
-		p.Lose(lossErr)
+	if back {
+		b.wrote(p, from)
 	}
 	b.log.Warn("etcd: moving a registration to the lease of the new term failed; it stays on its lease", "key", p.key, "lease", fmt.Sprintf("%x", int64(old.id)), "err", err)
 }
