@@ -13,3 +13,6 @@ func WatchStale(r resolver.Resolver) bool {
 	defer g.mu.Unlock()
 	return g.stale
 }
+
+// Relists returns how many relists the resolver has begun.
+func Relists(r resolver.Resolver) int64 { return r.(*grpcResolver).relists.Load() }

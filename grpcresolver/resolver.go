@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/attributes"
@@ -73,11 +74,12 @@ type grpcResolver struct {
 	release  func()
 	w        *registry.Watcher
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	hint   chan struct{} // ResolveNow hints, capacity 1
-	once   sync.Once
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	hint    chan struct{} // ResolveNow hints, capacity 1
+	once    sync.Once
+	relists atomic.Int64 // relists begun, for tests
 
 	mu       sync.Mutex
 	view     []entry        // the watcher's delivered list, sorted by ID
@@ -317,6 +319,7 @@ func (r *grpcResolver) relistLoop() {
 			continue
 		}
 		last = time.Now()
+		r.relists.Add(1)
 		ctx, cancel := context.WithTimeout(r.ctx, lookupTimeout)
 		list, err := r.reg.Lookup(ctx, r.service)
 		cancel()

@@ -540,8 +540,11 @@ func testCloseWhileRegistryFrozen(t *testing.T, e env) {
 	waitFor(t, 10*time.Second, "one endpoint", func() bool { return len(cc.ids()) == 1 })
 	e.Pause(t)
 	defer e.Resume(t)
-	r.ResolveNow(resolver.ResolveNowOptions{}) // a relist blocked on the frozen registry
-	time.Sleep(200 * time.Millisecond)         // let it block
+	// A relist runs only while the watch is stale; once it has begun it
+	// waits on the frozen registry.
+	waitFor(t, 20*time.Second, "the watch to say stale", func() bool { return grpcresolver.WatchStale(r) })
+	r.ResolveNow(resolver.ResolveNowOptions{})
+	waitFor(t, 10*time.Second, "a relist to begin", func() bool { return grpcresolver.Relists(r) > 0 })
 	start := time.Now()
 	r.Close()
 	if took := time.Since(start); took > 3*time.Second {
