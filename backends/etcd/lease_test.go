@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -11,7 +12,9 @@ import (
 
 	"github.com/rollcall-go/rollcall/backends/etcd"
 	"github.com/rollcall-go/rollcall/internal/testserver"
+	"github.com/rollcall-go/rollcall/internal/testutil"
 	"github.com/rollcall-go/rollcall/registry"
+	"github.com/rollcall-go/rollcall/registry/driver"
 )
 
 // TestOneLeasePerRegistry: many registrations share one lease, and the lease
@@ -101,5 +104,69 @@ func TestUserPassword(t *testing.T) {
 	}
 	if s := err.Error(); strings.Contains(s, "hunter2") {
 		t.Fatalf("error shows the password: %v", err)
+	}
+}
+
+// TestWithdrawDuringAMoveLeavesNoKey: a registration deregistered while a
+// leader election moves the registrations to a new lease (its key still
+// carries the old lease; the move's transaction is about to be sent) is
+// gone from etcd when Withdraw returns, and stays gone once the move is
+// done; the registration left keeps its key, on the new lease. (Seen in a
+// CI run of the cluster properties: a deregistration that never reached
+// the watcher while a member was frozen.)
+func TestWithdrawDuringAMoveLeavesNoKey(t *testing.T) {
+	srv := testserver.StartEtcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := newClient(t, srv.Endpoint())
+	defer admin.Close()
+	cli := newClient(t, srv.Endpoint())
+	defer cli.Close()
+	b := etcd.NewBackend(cli, &etcd.Options{TTL: 5 * time.Second})
+	defer b.Close()
+	x, err := b.Publish(ctx, driver.Instance{Service: "mv", ID: "x", Addr: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Publish(ctx, driver.Instance{Service: "mv", ID: "y", Addr: "127.0.0.1:2"}); err != nil {
+		t.Fatal(err)
+	}
+	keyX, keyY := etcd.DefaultPrefix+"mv/x", etcd.DefaultPrefix+"mv/y"
+	first := leaseOf(ctx, t, admin, keyY)
+	var once sync.Once
+	withdrawn := make(chan error, 1)
+	var afterWithdraw *clientv3.GetResponse
+	etcd.SetMoveHook(b, func(key string) {
+		if key != keyX {
+			return
+		}
+		once.Do(func() {
+			err := x.Withdraw(ctx)
+			if err == nil {
+				afterWithdraw, err = admin.Get(ctx, keyX)
+			}
+			withdrawn <- err
+		})
+	})
+	etcd.Rotate(b)
+	if err := <-withdrawn; err != nil {
+		t.Fatal(err)
+	}
+	if len(afterWithdraw.Kvs) != 0 {
+		t.Errorf("Withdraw returned nil with %s still in etcd (lease %x)", keyX, afterWithdraw.Kvs[0].Lease)
+	}
+	testutil.WaitFor(t, 10*time.Second, "y to carry a lease other than the first", func() bool {
+		return leaseOf(ctx, t, admin, keyY) != first
+	})
+	testutil.WaitFor(t, 10*time.Second, "the first lease to be revoked", func() bool {
+		ttl, err := admin.TimeToLive(ctx, clientv3.LeaseID(first))
+		return err == nil && ttl.TTL == -1
+	})
+	resp, err := admin.Get(ctx, keyX)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != 0 {
+		t.Errorf("after the move %s is in etcd again (lease %x)", keyX, resp.Kvs[0].Lease)
 	}
 }
