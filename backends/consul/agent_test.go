@@ -391,3 +391,47 @@ func TestInstanceCheckStuckCriticalIsRegisteredAgain(t *testing.T) {
 	})
 	nextUpdate(t, ch, 10*time.Second, "a back", func(u registry.Update) bool { return slices.Equal(ids(u.Instances()), []string{"a"}) })
 }
+
+// A burst of Registers and Deregisters through one Registry keeps at most
+// consul.MaxWrites service writes in flight to the agent, which applies them
+// one at a time under the lock its TTL renewals wait for: sent all at once
+// they only queue there, and a renewal queued behind them arrived after the
+// TTL in a CI run (BurstOfAddsUpdatesAndRemovesLosesNothing: instances
+// removed that were never deregistered). Before the bound, 24 concurrent
+// Registers had 24 writes in flight.
+func TestServiceWritesInFlightAreBounded(t *testing.T) {
+	srv := testserver.StartConsulServer(t)
+	r, tr := newRegistry(t, srv.Addr(), consul.Options{TTL: 2 * time.Second})
+	ctx := ctxFor(t, time.Minute)
+	const n = 24
+	regs := make([]*registry.Registration, n)
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			var err error
+			regs[i], err = r.Register(ctx, registry.Instance{Service: "bounded", ID: fmt.Sprintf("b%02d", i), Addr: fmt.Sprintf("127.0.0.1:%d", 20000+i)})
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	list, err := r.Lookup(ctx, "bounded")
+	if err != nil || len(list) != n {
+		t.Fatalf("Lookup: %d instances, %v; want %d", len(list), err, n)
+	}
+	for _, reg := range regs {
+		go func() { errs <- reg.Deregister(ctx) }()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := tr.svcMax.Load(); got > consul.MaxWrites || got < 1 {
+		t.Fatalf("%d service writes were in flight at once, want 1 to %d", got, consul.MaxWrites)
+	}
+	t.Logf("at most %d of %d service writes in flight", tr.svcMax.Load(), 2*n+1)
+}

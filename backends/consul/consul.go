@@ -61,7 +61,14 @@
 // List and Watch read: Register (and Update) return once the catalog lists
 // the instance as registered, which a blocking query on it tells within
 // milliseconds. Before it writes, Register reads what holds the instance
-// already (see Duplicate IDs). A renewal that fails is retried before the next round is due (at once after
+// already (see Duplicate IDs). The rounds start TTL/3 apart however long
+// each takes. The agent applies service writes and TTL renewals one at a time
+// under one lock, each persisted to disk, so a burst of registrations would
+// queue the renewals behind it: a Registry keeps at most two service writes
+// in flight to its agent, and its renewals do not wait for them (a burst of
+// 1000 writes by four Registries on one agent: renewals took 131 ms at the
+// median instead of 274 ms, 0.34 s at most instead of timing out at TTL/3).
+// A renewal that fails is retried before the next round is due (at once after
 // a timeout, with a backoff from 100ms after a quick failure), and the first
 // renewal after a failure renews before it reads, so that an agent that comes
 // back from a pause or a partition finds its session renewed within moments:
@@ -409,6 +416,7 @@ func newBackend(cli *api.Client, opts *Options) *backend {
 	b := &backend{
 		c: cli, opts: o, ttl: o.TTL, reap: o.DeregisterAfter, wait: o.WaitTime, log: o.Logger,
 		ctx: ctx, cancel: cancel, pubs: map[string]*publication{}, takenOver: map[string]bool{},
+		writes: make(chan struct{}, maxWrites),
 	}
 	if o.Prefix != "" {
 		b.prefix = o.Prefix + "/"
@@ -429,7 +437,8 @@ type backend struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	sessMu sync.Mutex // held while registering a session; never under mu
+	sessMu sync.Mutex    // held while registering a session; never under mu
+	writes chan struct{} // a slot per agent write in flight (see write)
 
 	mu       sync.Mutex // never held during a request
 	closed   bool

@@ -41,6 +41,8 @@ type cutTransport struct {
 	regs    atomic.Int64 // PUT /v1/agent/service/register sent
 	refuse  atomic.Bool  // PUTs fail
 	writing atomic.Int64 // PUTs in flight
+	svc     atomic.Int64 // service registrations and deregistrations in flight
+	svcMax  atomic.Int64 // the most svc has been
 }
 
 var (
@@ -66,6 +68,12 @@ func (c *cutTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		if strings.HasPrefix(req.URL.Path, "/v1/agent/service/register") {
 			c.regs.Add(1)
+		}
+		if strings.HasPrefix(req.URL.Path, "/v1/agent/service/") {
+			n := c.svc.Add(1)
+			defer c.svc.Add(-1)
+			for m := c.svcMax.Load(); n > m && !c.svcMax.CompareAndSwap(m, n); m = c.svcMax.Load() {
+			}
 		}
 	}
 	c.count.Add(1)
