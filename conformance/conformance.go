@@ -59,6 +59,7 @@ func RunConformanceTests(t *testing.T, newHarness HarnessMaker) {
 		{"WatchSurvivesOutageLongerThanTTL", testOutageLongerThanTTL},
 		{"IdleWatcherStaysFresh", testIdleWatcherStaysFresh},
 		{"WatchStartedWhileServerDownIsStale", testWatchStartedWhileDown},
+		{"ColdStartWhileServerDownServesTheSnapshot", testColdStartFromSnapshot},
 		{"CallsFailFastWhileServerDown", testCallsFailFast},
 		{"DeregisterDuringOutageCompletesWhenServerReturns", testDeregisterDuringOutage},
 		{"CloseIsBoundedWhileServerPaused", testCloseBoundedWhilePaused},

@@ -22,6 +22,7 @@ type record struct {
 	n                       int // position in the history
 	at                      time.Time
 	stale, synced           bool
+	snapshot                time.Time // Update.Snapshot
 	err                     error
 	ids                     []string // Instances() of the update, sorted
 	added, changed, removed []string
@@ -32,6 +33,9 @@ func (r record) size() int { return len(r.ids) }
 func (r record) String() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "update #%d at %s: stale=%v synced=%v", r.n, r.at.Format("15:04:05.000"), r.stale, r.synced)
+	if !r.snapshot.IsZero() {
+		fmt.Fprintf(&b, " snapshot=%s", r.snapshot.Format("15:04:05.000"))
+	}
 	if r.err != nil {
 		fmt.Fprintf(&b, " err=%q", r.err)
 	}
@@ -123,7 +127,7 @@ func (f *follower) loop(ctx context.Context) {
 		snap := u.Instances()
 		f.mu.Lock()
 		n := len(f.history)
-		rec := record{n: n, at: time.Now(), stale: u.Stale, synced: u.Synced, err: u.Err, ids: make([]string, len(snap))}
+		rec := record{n: n, at: time.Now(), stale: u.Stale, synced: u.Synced, snapshot: u.Snapshot, err: u.Err, ids: make([]string, len(snap))}
 		for i, in := range snap {
 			rec.ids[i] = in.ID
 		}
@@ -162,6 +166,12 @@ func (f *follower) loop(ctx context.Context) {
 		}
 		if u.Stale && u.Err == nil {
 			f.fail("update #%d is stale without an Err saying why", n)
+		}
+		if !u.Snapshot.IsZero() && !u.Stale {
+			f.fail("update #%d comes from a snapshot but is not stale", n)
+		}
+		if u.Snapshot.IsZero() && n > 0 && !f.history[n-1].snapshot.IsZero() && u.Stale && !u.Synced {
+			f.fail("update #%d lost the snapshot's list", n)
 		}
 		f.snap = snap
 		f.history = append(f.history, rec)

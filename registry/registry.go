@@ -86,6 +86,11 @@ type Options struct {
 	ResyncGrace time.Duration
 	// CloseTimeout bounds the deregistrations done by Close; 5s when zero.
 	CloseTimeout time.Duration
+	// Snapshot, when its Dir is set, keeps each watched list on disk for
+	// Watchers that start while the registry is down (see Snapshot). Open
+	// sets it from the URL parameters snapshot=DIR, snapshot_max_age and
+	// snapshot_wait, which every scheme accepts.
+	Snapshot Snapshot
 }
 
 // New returns a Registry over a backend. Backend packages call it; application
@@ -108,6 +113,7 @@ func New(b driver.Backend, opts *Options) Registry {
 	if o.ResyncGrace == 0 {
 		o.ResyncGrace = 3 * time.Second
 	}
+	o.Snapshot = o.Snapshot.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	return &registry{b: b, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, regs: map[*Registration]struct{}{},
 		byKey: map[[2]string]*Registration{}, watchers: map[*Watcher]struct{}{}}

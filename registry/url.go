@@ -94,7 +94,62 @@ func (m *URLMux) OpenURL(ctx context.Context, u *url.URL) (Registry, error) {
 	if opener == nil {
 		return nil, fmt.Errorf("%w %q (forgotten import?)", ErrUnknownScheme, u.Scheme)
 	}
-	return opener.OpenRegistryURL(ctx, u)
+	u, snap, err := snapshotParams(u)
+	if err != nil {
+		return nil, err
+	}
+	reg, err := opener.OpenRegistryURL(ctx, u)
+	if err != nil || snap.Dir == "" {
+		return reg, err
+	}
+	r := unwrap(reg)
+	if r == nil {
+		_ = reg.Close()
+		return nil, fmt.Errorf("%w: %s: the %s backend's registry does not take snapshot parameters", ErrInvalidURL, RedactURL(u), u.Scheme)
+	}
+	r.opts.Snapshot = snap.withDefaults() // no Watcher exists yet
+	return reg, nil
+}
+
+// unwrap returns the registry made by New under reg, which a backend may
+// wrap in a type of its own with an Unwrap method; nil if there is none.
+func unwrap(reg Registry) *registry {
+	for range 8 {
+		switch r := reg.(type) {
+		case *registry:
+			return r
+		case interface{ Unwrap() Registry }:
+			reg = r.Unwrap()
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
+// snapshotParams takes the parameters every scheme accepts, snapshot=DIR,
+// snapshot_max_age and snapshot_wait, out of u: it returns u without them and
+// the Snapshot they set, keyed by the rest of the URL, redacted.
+func snapshotParams(u *url.URL) (*url.URL, Snapshot, error) {
+	q := u.Query()
+	if !q.Has("snapshot") && !q.Has("snapshot_max_age") && !q.Has("snapshot_wait") {
+		return u, Snapshot{}, nil
+	}
+	p := NewURLParams(u)
+	s := Snapshot{Dir: p.String("snapshot", ""), MaxAge: p.Duration("snapshot_max_age", 0), Wait: p.Duration("snapshot_wait", 0)}
+	for k := range p.used {
+		q.Del(k)
+	}
+	if err := p.err; err != nil {
+		return nil, Snapshot{}, err
+	}
+	if s.Dir == "" {
+		return nil, Snapshot{}, fmt.Errorf("%w: %s: snapshot_max_age and snapshot_wait need snapshot=DIR", ErrInvalidURL, RedactURL(u))
+	}
+	c := *u
+	c.RawQuery = q.Encode()
+	s.Key = RedactURL(&c)
+	return &c, s, nil
 }
 
 func validScheme(s string) bool {

@@ -39,7 +39,10 @@ type Watcher struct {
 	pre       map[string]bool // IDs known when the window opened
 	held      map[string]bool // of those, the ones missing from the registry, kept meanwhile
 	graceGen  int
-	announce  bool // deliver an update even if nothing else changed (the stale reason did)
+	announce  bool          // deliver an update even if nothing else changed (the stale reason did)
+	snapAt    time.Time     // when the snapshot known holds was written; zero once the registry answered
+	snapWake  chan struct{} // capacity 1: the snapshot loop has something to look at; nil without snapshots
+	snap      *heldSnapshot // read at the start, until served or the registry's list arrives
 
 	nextMu    sync.Mutex // one Next at a time; guards the fields below
 	delivered map[string]Instance
@@ -68,6 +71,10 @@ type Update struct {
 	// list arrived (a stale update with no instances, because nothing is
 	// known yet).
 	Synced bool
+	// Snapshot is when the snapshot the list comes from was written (see
+	// Options.Snapshot): set, with Stale, while a Watcher that could not
+	// reach the registry at its start serves it; zero otherwise.
+	Snapshot time.Time
 
 	base map[string]Instance
 	log  []change
@@ -124,8 +131,15 @@ func sortByID(s []Instance) {
 
 func newWatcher(r *registry, service string) *Watcher {
 	ctx, cancel := context.WithCancel(r.ctx)
-	return &Watcher{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}), notify: make(chan struct{}, 1),
+	w := &Watcher{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}), notify: make(chan struct{}, 1),
 		known: map[string]Instance{}, dirty: map[string]struct{}{}, delivered: map[string]Instance{}, pre: map[string]bool{}, held: map[string]bool{}}
+	if r.opts.Snapshot.Dir != "" {
+		w.snapWake = make(chan struct{}, 1)
+		if list, written, ok := r.loadSnapshot(service); ok {
+			w.snap = &heldSnapshot{list: list, written: written}
+		}
+	}
+	return w
 }
 
 // Close stops the watch and waits for its goroutine. It is idempotent.
@@ -153,6 +167,11 @@ func (w *Watcher) run(parent context.Context) {
 	defer stop()
 	ctx := w.ctx
 	log := w.r.log
+	if w.snapWake != nil {
+		snapDone := make(chan struct{})
+		go w.snapshots(snapDone)
+		defer func() { <-snapDone }() // run returns only once ctx is done
+	}
 	for attempt := 0; ; attempt++ {
 		octx, stop := w.r.callCtx(ctx)
 		st, err := w.r.b.Watch(octx, w.service)
@@ -208,6 +227,9 @@ func (w *Watcher) setStale(err error) {
 	w.mu.Lock()
 	w.stale, w.err = true, err
 	w.outage = true
+	if !w.synced && w.snap != nil {
+		w.serveSnapshotLocked() // rather than nothing
+	}
 	// A window in progress closes; what it held is still in known and
 	// belongs to the next window's instances known before the outage.
 	w.inGrace = false
@@ -216,6 +238,7 @@ func (w *Watcher) setStale(err error) {
 	clear(w.held)
 	w.mu.Unlock()
 	w.wake()
+	w.wakeSnapshots()
 }
 
 // openGrace opens the resync grace window after an outage: for
@@ -253,6 +276,7 @@ func (w *Watcher) endGrace(gen int) {
 	clear(w.held)
 	w.stale, w.err = false, nil
 	w.wakeLocked()
+	w.wakeSnapshots()
 }
 
 // hold reports whether the removal of id is held back by the grace window,
@@ -315,10 +339,12 @@ func (w *Watcher) apply(ev driver.Event) {
 		// registrars are usually renewing or re-registering them this very
 		// moment (a TTL that ran out during the outage fires on the server
 		// just after it answers again).
-		if w.outage && w.synced && w.r.opts.ResyncGrace > 0 {
+		// A list served from a snapshot is replaced by the registry's at
+		// once: nothing says its instances are alive.
+		if w.outage && w.synced && w.snapAt.IsZero() && w.r.opts.ResyncGrace > 0 {
 			w.openGraceLocked()
 		}
-		w.outage = false
+		w.outage, w.snapAt, w.snap = false, time.Time{}, nil
 		for id := range w.known {
 			if _, ok := fresh[id]; ok {
 				continue
@@ -371,6 +397,7 @@ func (w *Watcher) apply(ev driver.Event) {
 	}
 	if len(w.dirty) > 0 || ev.Reset || w.stale != wasStale || w.announce {
 		w.wakeLocked()
+		w.wakeSnapshots()
 	}
 }
 
@@ -415,7 +442,7 @@ func (w *Watcher) take() (Update, bool) {
 	if w.first && len(w.dirty) == 0 && w.stale == w.lastStale && !w.announce {
 		return Update{}, false
 	}
-	u := Update{Stale: w.stale, Err: w.err, Synced: true}
+	u := Update{Stale: w.stale, Err: w.err, Synced: true, Snapshot: w.snapAt}
 	for id := range w.dirty {
 		old, had := w.delivered[id]
 		cur, has := w.known[id]

@@ -399,6 +399,9 @@ type kubeRegistry struct {
 	b *backend
 }
 
+// Unwrap returns the shared layer's Registry, for registry.Open.
+func (r *kubeRegistry) Unwrap() registry.Registry { return r.Registry }
+
 func newRegistry(cs kubernetes.Interface, own *ownClient, opts *Options) (registry.Registry, error) {
 	var o Options
 	if opts != nil {

@@ -78,6 +78,9 @@ func New(srv *Server, opts *Options) *Registry {
 	return &Registry{Registry: registry.New(b, &o.Registry), b: b}
 }
 
+// Unwrap returns the shared layer's Registry, for registry.Open.
+func (r *Registry) Unwrap() registry.Registry { return r.Registry }
+
 // Crash stops r as a crashed process stops: its keepalives end and nothing
 // is deregistered or revoked, so its instances disappear when their lease
 // expires. r is closed afterwards.

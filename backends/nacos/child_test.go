@@ -121,6 +121,7 @@ var reconnectingProperties = []string{
 	"ReregistersAfterServerRestartWithWipedData",
 	"WatchSurvivesOutageLongerThanTTL",
 	"WatchStartedWhileServerDownIsStale",
+	"ColdStartWhileServerDownServesTheSnapshot",
 	"CallsFailFastWhileServerDown",
 	"DeregisterDuringOutageCompletesWhenServerReturns",
 	"CloseIsBoundedWhileServerPaused",
