@@ -197,6 +197,7 @@ func refusal(err error) bool {
 // republish publishes the instance until it succeeds or the registration
 // ends. attempt is where the backoff starts; lossErr is why it was lost.
 func (g *Registration) republish(attempt int, lossErr error) bool {
+	cause := lossErr
 	for ; ; attempt++ {
 		d := g.r.opts.Backoff.Delay(attempt)
 		if refusal(lossErr) {
@@ -209,10 +210,9 @@ func (g *Registration) republish(attempt int, lossErr error) bool {
 		g.mu.Lock()
 		inst := g.inst
 		g.mu.Unlock()
-		ctx, cancel := g.r.callCtx(g.ctx)
-		pub, err := g.r.b.Publish(ctx, driver.Instance(inst))
-		err = g.r.callErr(g.ctx, ctx, err)
-		cancel()
+		c := g.r.begin(g.ctx, "publish")
+		pub, err := g.r.b.Publish(c.ctx, driver.Instance(inst))
+		err = c.end(err)
 		if err != nil {
 			g.opMu.Unlock()
 			if g.ctx.Err() != nil {
@@ -230,6 +230,7 @@ func (g *Registration) republish(attempt int, lossErr error) bool {
 		g.status.Reregistrations++
 		g.mu.Unlock()
 		g.opMu.Unlock()
+		g.r.met.reregistration(cause)
 		g.r.log.Info("registry: registered again", "instance", inst.String(), "attempts", attempt+1)
 		return true
 	}
@@ -260,12 +261,11 @@ func (g *Registration) Update(ctx context.Context, inst Instance) error {
 		return opErr("update", cur.Service, err)
 	}
 	if pub != nil {
-		cctx, cancel := g.r.callCtx(ctx)
-		stop := context.AfterFunc(g.ctx, cancel)
-		err := pub.Update(cctx, driver.Instance(inst))
+		c := g.r.begin(ctx, "update")
+		stop := context.AfterFunc(g.ctx, c.cancel)
+		err := pub.Update(c.ctx, driver.Instance(inst))
 		stop()
-		err = g.r.callErr(ctx, cctx, err)
-		cancel()
+		err = c.end(err)
 		if err != nil {
 			if g.ctx.Err() != nil && ctx.Err() == nil {
 				err = ErrClosed
@@ -338,9 +338,8 @@ func (g *Registration) withdraw(pub driver.Publication) {
 	defer g.r.wg.Done()
 	inst := g.Instance()
 	for attempt := 0; ; attempt++ {
-		ctx, cancel := g.r.callCtx(g.r.ctx)
-		err := g.r.callErr(g.r.ctx, ctx, pub.Withdraw(ctx))
-		cancel()
+		c := g.r.begin(g.r.ctx, "withdraw")
+		err := c.end(pub.Withdraw(c.ctx))
 		if err == nil {
 			g.finishWithdraw(nil)
 			g.r.log.Debug("registry: deregistered", "instance", inst.String(), "attempts", attempt+1)
@@ -351,6 +350,7 @@ func (g *Registration) withdraw(pub driver.Publication) {
 			return
 		}
 		g.setStatus(Withdrawing, err)
+		g.r.met.withdrawFailure(err)
 		g.r.log.Warn("registry: deregistration failed; retrying", "instance", inst.String(), "attempt", attempt+1, "err", err)
 		d := g.r.opts.Backoff.Delay(attempt)
 		if refusal(err) {

@@ -27,6 +27,8 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
+
 	"github.com/rollcall-go/rollcall/registry/driver"
 )
 
@@ -86,6 +88,10 @@ type Options struct {
 	ResyncGrace time.Duration
 	// CloseTimeout bounds the deregistrations done by Close; 5s when zero.
 	CloseTimeout time.Duration
+	// MeterProvider, when not nil, receives the registry's metrics through
+	// the OpenTelemetry metric API (see the rollcall.* instruments in
+	// metrics.go); nil records none.
+	MeterProvider metric.MeterProvider
 	// Snapshot, when its Dir is set, keeps each watched list on disk for
 	// Watchers that start while the registry is down (see Snapshot). Open
 	// sets it from the URL parameters snapshot=DIR, snapshot_max_age and
@@ -115,8 +121,14 @@ func New(b driver.Backend, opts *Options) Registry {
 	}
 	o.Snapshot = o.Snapshot.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
-	return &registry{b: b, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, regs: map[*Registration]struct{}{},
+	r := &registry{b: b, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, regs: map[*Registration]struct{}{},
 		byKey: map[[2]string]*Registration{}, watchers: map[*Watcher]struct{}{}}
+	met, err := newMetrics(r, o.MeterProvider)
+	if err != nil {
+		r.log.Error("registry: cannot make the metrics' instruments; recording none", "err", err)
+	}
+	r.met = met
+	return r
 }
 
 type registry struct {
@@ -125,6 +137,7 @@ type registry struct {
 	log    *slog.Logger
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
+	met    *metrics // nil without Options.MeterProvider
 
 	mu       sync.Mutex
 	closed   bool
@@ -157,10 +170,9 @@ func (r *registry) Register(ctx context.Context, inst Instance) (*Registration, 
 	r.mu.Unlock()
 	defer r.wg.Done()
 
-	pctx, stop := r.callCtx(ctx)
-	pub, err := r.b.Publish(pctx, driver.Instance(inst))
-	err = r.callErr(ctx, pctx, err)
-	stop()
+	c := r.begin(ctx, "publish")
+	pub, err := r.b.Publish(c.ctx, driver.Instance(inst))
+	err = c.end(err)
 	if err != nil {
 		r.mu.Lock()
 		delete(r.byKey, key)
@@ -228,10 +240,9 @@ func (r *registry) Lookup(ctx context.Context, service string) ([]Instance, erro
 	if r.isClosed() {
 		return nil, opErr("lookup", service, ErrClosed)
 	}
-	cctx, stop := r.callCtx(ctx)
-	list, err := r.b.List(cctx, service)
-	err = r.callErr(ctx, cctx, err)
-	stop()
+	c := r.begin(ctx, "list")
+	list, err := r.b.List(c.ctx, service)
+	err = c.end(err)
 	if err != nil {
 		return nil, opErr("lookup", service, err)
 	}
@@ -289,15 +300,14 @@ func (r *registry) Ping(ctx context.Context) error {
 	if r.isClosed() {
 		return opErr("ping", "", ErrClosed)
 	}
-	cctx, stop := r.callCtx(ctx)
-	defer stop()
+	c := r.begin(ctx, "ping")
 	var err error
 	if p, ok := r.b.(driver.Pinger); ok {
-		err = p.Ping(cctx)
+		err = p.Ping(c.ctx)
 	} else {
-		_, err = r.b.List(cctx, "rollcall-ping")
+		_, err = r.b.List(c.ctx, "rollcall-ping")
 	}
-	return opErr("ping", "", r.callErr(ctx, cctx, err))
+	return opErr("ping", "", c.end(err))
 }
 
 func (r *registry) isClosed() bool {
@@ -349,5 +359,8 @@ func (r *registry) Close() error {
 	r.cancel()
 	r.wg.Wait()
 	errs = append(errs, r.b.Close())
+	if r.met != nil {
+		_ = r.met.reg.Unregister()
+	}
 	return errors.Join(errs...)
 }

@@ -43,6 +43,7 @@ type Watcher struct {
 	snapAt    time.Time     // when the snapshot known holds was written; zero once the registry answered
 	snapWake  chan struct{} // capacity 1: the snapshot loop has something to look at; nil without snapshots
 	snap      *heldSnapshot // read at the start, until served or the registry's list arrives
+	staleAt   time.Time     // when the delivered updates turned stale (with metrics only)
 
 	nextMu    sync.Mutex // one Next at a time; guards the fields below
 	delivered map[string]Instance
@@ -173,10 +174,9 @@ func (w *Watcher) run(parent context.Context) {
 		defer func() { <-snapDone }() // run returns only once ctx is done
 	}
 	for attempt := 0; ; attempt++ {
-		octx, stop := w.r.callCtx(ctx)
-		st, err := w.r.b.Watch(octx, w.service)
-		err = w.r.callErr(ctx, octx, err)
-		stop()
+		c := w.r.begin(ctx, "watch")
+		st, err := w.r.b.Watch(c.ctx, w.service)
+		err = c.end(err)
 		var healthy time.Time // when the stream delivered its Reset
 		if err == nil {
 			for {
@@ -425,6 +425,20 @@ func (w *Watcher) Next(ctx context.Context) (Update, error) {
 	}
 }
 
+// noteStaleLocked records, with metrics, how long the delivered updates
+// stayed stale, as an update with stale is delivered. Called under mu.
+func (w *Watcher) noteStaleLocked(stale bool) {
+	if w.r.met == nil || stale == w.lastStale {
+		return
+	}
+	if stale {
+		w.staleAt = time.Now()
+	} else if !w.staleAt.IsZero() {
+		w.r.met.staleFor(w.service, time.Since(w.staleAt))
+		w.staleAt = time.Time{}
+	}
+}
+
 // take builds the pending update, if any.
 func (w *Watcher) take() (Update, bool) {
 	w.mu.Lock()
@@ -434,7 +448,9 @@ func (w *Watcher) take() (Update, bool) {
 	}
 	if !w.synced {
 		if w.stale && !w.lastStale {
+			w.noteStaleLocked(true)
 			w.lastStale = true
+			w.r.met.update(w.service)
 			return Update{Stale: true, Err: w.err}, true
 		}
 		return Update{}, false
@@ -468,7 +484,9 @@ func (w *Watcher) take() (Update, bool) {
 	if w.first && len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.stale == w.lastStale && !w.announce {
 		return Update{}, false
 	}
+	w.noteStaleLocked(w.stale)
 	w.first, w.lastStale, w.announce = true, w.stale, false
+	w.r.met.update(w.service)
 	sortByID(u.Added)
 	sortByID(u.Changed)
 	sortByID(u.Removed)
