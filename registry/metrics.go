@@ -108,14 +108,7 @@ type observation struct {
 
 func (r *registry) observe() observation {
 	r.mu.Lock()
-	regs := make([]*Registration, 0, len(r.regs))
-	for g := range r.regs {
-		regs = append(regs, g)
-	}
-	ws := make([]*Watcher, 0, len(r.watchers))
-	for w := range r.watchers {
-		ws = append(ws, w)
-	}
+	regs, ws := r.membersLocked()
 	r.mu.Unlock()
 	o := observation{states: map[State]int64{Registered: 0}, instances: map[string]int64{}}
 	for _, g := range regs {

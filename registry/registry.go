@@ -316,13 +316,9 @@ func (r *registry) isClosed() bool {
 	return r.closed
 }
 
-func (r *registry) Close() error {
-	r.mu.Lock()
-	if r.closed {
-		r.mu.Unlock()
-		return nil
-	}
-	r.closed = true
+// membersLocked returns the registry's registrations and watchers. Called
+// under mu.
+func (r *registry) membersLocked() ([]*Registration, []*Watcher) {
 	regs := make([]*Registration, 0, len(r.regs))
 	for reg := range r.regs {
 		regs = append(regs, reg)
@@ -331,6 +327,17 @@ func (r *registry) Close() error {
 	for w := range r.watchers {
 		ws = append(ws, w)
 	}
+	return regs, ws
+}
+
+func (r *registry) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	regs, ws := r.membersLocked()
 	r.mu.Unlock()
 
 	ctx, cancel := context.WithTimeout(context.Background(), r.opts.CloseTimeout)
