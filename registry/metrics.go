@@ -115,9 +115,9 @@ func (r *registry) observe() observation {
 		o.states[g.Status().State]++
 	}
 	for _, w := range ws {
-		w.mu.Lock()
-		stale, synced, n := w.stale, w.synced, int64(len(w.known))
-		w.mu.Unlock()
+		w.f.mu.Lock()
+		stale, synced, n := w.f.stale, w.f.synced, int64(len(w.f.known))
+		w.f.mu.Unlock()
 		if stale {
 			o.stale++
 		}

@@ -122,7 +122,7 @@ func New(b driver.Backend, opts *Options) Registry {
 	o.Snapshot = o.Snapshot.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &registry{b: b, opts: o, log: o.Logger, ctx: ctx, cancel: cancel, regs: map[*Registration]struct{}{},
-		byKey: map[[2]string]*Registration{}, watchers: map[*Watcher]struct{}{}}
+		byKey: map[[2]string]*Registration{}, watchers: map[*Watcher]struct{}{}, feeds: map[string]*feed{}}
 	met, err := newMetrics(r, o.MeterProvider)
 	if err != nil {
 		r.log.Error("registry: cannot make the metrics' instruments; recording none", "err", err)
@@ -144,6 +144,7 @@ type registry struct {
 	regs     map[*Registration]struct{}
 	byKey    map[[2]string]*Registration // live registrations by (service, ID), and Register calls in flight (nil)
 	watchers map[*Watcher]struct{}
+	feeds    map[string]*feed // the backend watch of each watched service, shared by its Watchers
 	closeErr error
 	wg       sync.WaitGroup
 }
@@ -283,17 +284,19 @@ func (r *registry) Watch(ctx context.Context, service string) (*Watcher, error) 
 	if r.closed {
 		return nil, opErr("watch", service, ErrClosed)
 	}
-	w := newWatcher(r, service)
+	f := r.feeds[service]
+	if f == nil {
+		f = newFeed(r, service)
+		r.feeds[service] = f
+		r.wg.Add(1)
+		go f.run()
+	}
+	w := f.subscribe()
 	r.watchers[w] = struct{}{}
-	r.wg.Add(1)
-	go w.run(ctx)
+	// Close takes r.mu: a ctx that is done already closes w once Watch
+	// has returned.
+	w.stop = context.AfterFunc(ctx, func() { w.Close() })
 	return w, nil
-}
-
-func (r *registry) dropWatcher(w *Watcher) {
-	r.mu.Lock()
-	delete(r.watchers, w)
-	r.mu.Unlock()
 }
 
 func (r *registry) Ping(ctx context.Context) error {

@@ -17,8 +17,8 @@ import (
 
 // Snapshot configures the on-disk snapshot of watched lists, for clients
 // that start while the registry is down (Dubbo's registry cache file, Nacos'
-// failover directory). When Dir is set, every Watcher writes the last
-// complete, fresh list it has seen to a file of its own (atomically: a
+// failover directory). When Dir is set, the Watchers of each service write
+// the last complete, fresh list they have seen to a file of its own (atomically: a
 // temporary file renamed over it, at most once per second); a Watcher that
 // starts and gets no list from the registry within Wait, or whose watch fails
 // before its first list, delivers the snapshot instead, marked Stale, with
@@ -177,12 +177,12 @@ func (r *registry) writeSnapshot(service string, list []Instance) error {
 }
 
 // wakeSnapshots tells the snapshot loop to look; it never blocks.
-func (w *Watcher) wakeSnapshots() {
-	if w.snapWake == nil {
+func (f *feed) wakeSnapshots() {
+	if f.snapWake == nil {
 		return
 	}
 	select {
-	case w.snapWake <- struct{}{}:
+	case f.snapWake <- struct{}{}:
 	default:
 	}
 }
@@ -191,19 +191,19 @@ func (w *Watcher) wakeSnapshots() {
 // Options.Snapshot.Dir is set: it serves the snapshot if the registry gives
 // no list in time, then writes the fresh lists, at most once per
 // snapshotEvery, the last one at Close.
-func (w *Watcher) snapshots(done chan<- struct{}) {
+func (f *feed) snapshots(done chan<- struct{}) {
 	defer close(done)
-	w.mu.Lock()
-	held := w.snap != nil
-	w.mu.Unlock()
+	f.mu.Lock()
+	held := f.snap != nil
+	f.mu.Unlock()
 	if held {
-		t := time.NewTimer(w.r.opts.Snapshot.Wait)
+		t := time.NewTimer(f.r.opts.Snapshot.Wait)
 		select {
-		case <-w.ctx.Done():
+		case <-f.ctx.Done():
 			t.Stop()
 			return
 		case <-t.C:
-			w.serveSnapshot()
+			f.serveSnapshot()
 		}
 	}
 	var (
@@ -215,14 +215,14 @@ func (w *Watcher) snapshots(done chan<- struct{}) {
 		warned  bool
 	)
 	save := func() {
-		list, ok := w.freshList()
+		list, ok := f.freshList()
 		if !ok || last.After(time.Time{}) && slices.EqualFunc(list, saved, Instance.Equal) {
 			return
 		}
-		if err := w.r.writeSnapshot(w.service, list); err != nil {
+		if err := f.r.writeSnapshot(f.service, list); err != nil {
 			if !warned {
 				warned = true
-				w.r.log.Warn("registry: cannot write the snapshot", "service", w.service, "err", err)
+				f.r.log.Warn("registry: cannot write the snapshot", "service", f.service, "err", err)
 			}
 			return
 		}
@@ -230,12 +230,12 @@ func (w *Watcher) snapshots(done chan<- struct{}) {
 	}
 	for {
 		select {
-		case <-w.ctx.Done():
+		case <-f.ctx.Done():
 			if timer != nil {
 				timer.Stop()
 			}
 			select {
-			case <-w.snapWake:
+			case <-f.snapWake:
 				pending = true
 			default:
 			}
@@ -243,7 +243,7 @@ func (w *Watcher) snapshots(done chan<- struct{}) {
 				save()
 			}
 			return
-		case <-w.snapWake:
+		case <-f.snapWake:
 			pending = true
 		case <-tick:
 			tick = nil
@@ -263,13 +263,13 @@ func (w *Watcher) snapshots(done chan<- struct{}) {
 
 // freshList returns the list to snapshot: the registry's complete list,
 // while the Watcher is fresh.
-func (w *Watcher) freshList() ([]Instance, bool) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.synced || w.stale || !w.snapAt.IsZero() {
+func (f *feed) freshList() ([]Instance, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.synced || f.stale || !f.snapAt.IsZero() {
 		return nil, false
 	}
-	return sortedValues(w.known), true
+	return sortedValues(f.known), true
 }
 
 // heldSnapshot is a snapshot read by a new Watcher.
@@ -278,31 +278,32 @@ type heldSnapshot struct {
 	written time.Time
 }
 
-func (w *Watcher) serveSnapshot() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.serveSnapshotLocked()
+func (f *feed) serveSnapshot() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.serveSnapshotLocked()
 }
 
 // serveSnapshotLocked makes the snapshot held the Watcher's list, stale,
 // unless the registry gave one already. Called under mu.
-func (w *Watcher) serveSnapshotLocked() {
-	sn := w.snap
-	if sn == nil || w.synced || w.ctx.Err() != nil {
+func (f *feed) serveSnapshotLocked() {
+	sn := f.snap
+	if sn == nil || f.synced || f.ctx.Err() != nil {
 		return
 	}
-	w.snap = nil
+	f.snap = nil
 	for _, in := range sn.list {
-		w.known[in.ID] = in
-		w.dirty[in.ID] = struct{}{}
+		f.known[in.ID] = in
+		f.markLocked(in.ID)
 	}
 	age := time.Since(sn.written).Round(time.Second)
 	why := "no answer yet"
-	if w.err != nil {
-		why = w.err.Error()
+	if f.err != nil {
+		why = f.err.Error()
 	}
-	w.synced, w.stale, w.snapAt, w.announce = true, true, sn.written, true
-	w.err = fmt.Errorf("%w: serving the snapshot written %v ago (%s): the registry gave no list: %s", ErrUnavailable, age, sn.written.Format(time.RFC3339), why)
-	w.r.log.Warn("registry: the registry gave no list; serving the snapshot", "service", w.service, "instances", len(sn.list), "age", age)
-	w.wakeLocked()
+	f.synced, f.stale, f.snapAt = true, true, sn.written
+	f.announceLocked()
+	f.err = fmt.Errorf("%w: serving the snapshot written %v ago (%s): the registry gave no list: %s", ErrUnavailable, age, sn.written.Format(time.RFC3339), why)
+	f.r.log.Warn("registry: the registry gave no list; serving the snapshot", "service", f.service, "instances", len(sn.list), "age", age)
+	f.wakeLocked()
 }

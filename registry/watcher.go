@@ -17,39 +17,57 @@ import (
 // coalescing everything that happened in between. While the backend is
 // unreachable the Watcher keeps the last known list and delivers one update
 // with Stale set; it restarts the backend watch with backoff, and once the
-// backend answers again delivers only the difference. A Watcher is safe for
-// concurrent use, but updates are meant for one consumer.
+// backend answers again delivers only the difference. The Watchers of one
+// service in one Registry share one backend watch and its list (a Watcher
+// that starts late gets that list at once); each delivers at its own pace.
+// A Watcher is safe for concurrent use, but updates are meant for one
+// consumer.
 type Watcher struct {
-	r       *registry
+	f       *feed
 	service string
-	ctx     context.Context
-	cancel  context.CancelFunc
-	done    chan struct{}
+	done    chan struct{} // closed by Close
 	notify  chan struct{} // capacity 1: something changed since the last Next
+	once    sync.Once
+	stop    func() bool // stops the AfterFunc of Watch's context; set under r.mu
 
-	mu        sync.Mutex
-	known     map[string]Instance // the backend's latest view
+	// Guarded by f.mu.
 	dirty     map[string]struct{} // IDs changed since the last delivery
-	synced    bool                // known holds a complete list
-	stale     bool
-	err       error
-	lastStale bool            // Stale of the last delivered update
-	outage    bool            // the backend watch failed since the last Reset
-	inGrace   bool            // a resync grace window is open (see Options.ResyncGrace)
-	pre       map[string]bool // IDs known when the window opened
-	held      map[string]bool // of those, the ones missing from the registry, kept meanwhile
-	graceGen  int
-	announce  bool          // deliver an update even if nothing else changed (the stale reason did)
-	snapAt    time.Time     // when the snapshot known holds was written; zero once the registry answered
-	snapWake  chan struct{} // capacity 1: the snapshot loop has something to look at; nil without snapshots
-	snap      *heldSnapshot // read at the start, until served or the registry's list arrives
-	staleAt   time.Time     // when the delivered updates turned stale (with metrics only)
+	announce  bool                // deliver an update even if nothing else changed (the stale reason did)
+	lastStale bool                // Stale of the last delivered update
+	closed    bool
+	staleAt   time.Time // when the delivered updates turned stale (with metrics only)
 
 	nextMu    sync.Mutex // one Next at a time; guards the fields below
 	delivered map[string]Instance
 	first     bool // the first update has been delivered
 	base      map[string]Instance
 	log       []change
+}
+
+// feed is the backend watch of one service in a registry, shared by every
+// Watcher of the service: one backend stream, one known list, one freeze,
+// resync grace and snapshot; each Watcher keeps only what it has delivered.
+type feed struct {
+	r       *registry
+	service string
+	ctx     context.Context // canceled when the last Watcher closes, and by the registry's Close
+	cancel  context.CancelFunc
+	done    chan struct{} // closed when run returns
+
+	mu       sync.Mutex
+	subs     map[*Watcher]struct{}
+	known    map[string]Instance // the backend's latest view
+	synced   bool                // known holds a complete list
+	stale    bool
+	err      error
+	outage   bool            // the backend watch failed since the last Reset
+	inGrace  bool            // a resync grace window is open (see Options.ResyncGrace)
+	pre      map[string]bool // IDs known when the window opened
+	held     map[string]bool // of those, the ones missing from the registry, kept meanwhile
+	graceGen int
+	snapAt   time.Time     // when the snapshot known holds was written; zero once the registry answered
+	snapWake chan struct{} // capacity 1: the snapshot loop has something to look at; nil without snapshots
+	snap     *heldSnapshot // read at the start, until served or the registry's list arrives
 }
 
 type change struct {
@@ -130,23 +148,74 @@ func sortByID(s []Instance) {
 	slices.SortFunc(s, func(a, b Instance) int { return strings.Compare(a.ID, b.ID) })
 }
 
-func newWatcher(r *registry, service string) *Watcher {
+func newFeed(r *registry, service string) *feed {
 	ctx, cancel := context.WithCancel(r.ctx)
-	w := &Watcher{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}), notify: make(chan struct{}, 1),
-		known: map[string]Instance{}, dirty: map[string]struct{}{}, delivered: map[string]Instance{}, pre: map[string]bool{}, held: map[string]bool{}}
+	f := &feed{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}),
+		subs: map[*Watcher]struct{}{}, known: map[string]Instance{}, pre: map[string]bool{}, held: map[string]bool{}}
 	if r.opts.Snapshot.Dir != "" {
-		w.snapWake = make(chan struct{}, 1)
+		f.snapWake = make(chan struct{}, 1)
 		if list, written, ok := r.loadSnapshot(service); ok {
-			w.snap = &heldSnapshot{list: list, written: written}
+			f.snap = &heldSnapshot{list: list, written: written}
 		}
 	}
+	return f
+}
+
+// subscribe adds a new Watcher to f: what f knows is pending for it, so
+// that a Watcher that starts late gets the list at once.
+func (f *feed) subscribe() *Watcher {
+	w := &Watcher{f: f, service: f.service, done: make(chan struct{}), notify: make(chan struct{}, 1),
+		dirty: map[string]struct{}{}, delivered: map[string]Instance{}}
+	f.mu.Lock()
+	f.subs[w] = struct{}{}
+	for id := range f.known {
+		w.dirty[id] = struct{}{}
+	}
+	f.mu.Unlock()
+	w.wake()
 	return w
 }
 
-// Close stops the watch and waits for its goroutine. It is idempotent.
+// markLocked records that id changed, for every Watcher. Called under mu.
+func (f *feed) markLocked(id string) {
+	for w := range f.subs {
+		w.dirty[id] = struct{}{}
+	}
+}
+
+// announceLocked makes every Watcher deliver an update even if no instance
+// changed (the stale state or its reason did). Called under mu.
+func (f *feed) announceLocked() {
+	for w := range f.subs {
+		w.announce = true
+	}
+}
+
+// Close stops the watcher; the feed's backend watch stops with its last
+// Watcher, and Close then waits for its goroutine. It is idempotent.
 func (w *Watcher) Close() error {
-	w.cancel()
-	<-w.done
+	w.once.Do(func() {
+		f, r := w.f, w.f.r
+		r.mu.Lock()
+		if w.stop != nil {
+			w.stop()
+		}
+		delete(r.watchers, w)
+		f.mu.Lock()
+		delete(f.subs, w)
+		w.closed = true
+		last := len(f.subs) == 0
+		f.mu.Unlock()
+		if last && r.feeds[f.service] == f {
+			delete(r.feeds, f.service)
+		}
+		r.mu.Unlock()
+		close(w.done)
+		if last {
+			f.cancel()
+			<-f.done
+		}
+	})
 	return nil
 }
 
@@ -159,23 +228,20 @@ func (w *Watcher) Service() string { return w.service }
 
 // run owns the backend watch: it opens it, applies its events, and reopens
 // it with backoff when it fails.
-func (w *Watcher) run(parent context.Context) {
-	defer w.r.wg.Done()
-	defer close(w.done)
-	defer w.r.dropWatcher(w)
-	defer w.cancel()
-	stop := context.AfterFunc(parent, w.cancel)
-	defer stop()
-	ctx := w.ctx
-	log := w.r.log
-	if w.snapWake != nil {
+func (f *feed) run() {
+	defer f.r.wg.Done()
+	defer close(f.done)
+	defer f.cancel()
+	ctx := f.ctx
+	log := f.r.log
+	if f.snapWake != nil {
 		snapDone := make(chan struct{})
-		go w.snapshots(snapDone)
+		go f.snapshots(snapDone)
 		defer func() { <-snapDone }() // run returns only once ctx is done
 	}
 	for attempt := 0; ; attempt++ {
-		c := w.r.begin(ctx, "watch")
-		st, err := w.r.b.Watch(c.ctx, w.service)
+		c := f.r.begin(ctx, "watch")
+		st, err := f.r.b.Watch(c.ctx, f.service)
 		err = c.end(err)
 		var healthy time.Time // when the stream delivered its Reset
 		if err == nil {
@@ -188,7 +254,7 @@ func (w *Watcher) run(parent context.Context) {
 				if ev.Reset && healthy.IsZero() {
 					healthy = time.Now()
 				}
-				w.apply(ev)
+				f.apply(ev)
 			}
 			st.Close()
 		}
@@ -198,14 +264,14 @@ func (w *Watcher) run(parent context.Context) {
 		// Backoff grows across failures; it starts over only after a stream
 		// that stayed up for a while, so a backend that lists but cannot
 		// watch is not hammered.
-		if !healthy.IsZero() && time.Since(healthy) >= w.r.opts.Backoff.Max {
+		if !healthy.IsZero() && time.Since(healthy) >= f.r.opts.Backoff.Max {
 			attempt = 0
 		}
-		log.Warn("registry: watch failed; keeping the last known list", "service", w.service, "err", err)
-		w.setStale(err)
-		d := w.r.opts.Backoff.Delay(attempt)
+		log.Warn("registry: watch failed; keeping the last known list", "service", f.service, "err", err)
+		f.setStale(err)
+		d := f.r.opts.Backoff.Delay(attempt)
 		if refusal(err) {
-			d = w.r.opts.Backoff.Delay(maxAttempt)
+			d = f.r.opts.Backoff.Delay(maxAttempt)
 		}
 		if !sleepCtx(ctx, d) {
 			return
@@ -213,80 +279,92 @@ func (w *Watcher) run(parent context.Context) {
 	}
 }
 
-func (w *Watcher) wake() { w.wakeLocked() }
+func (f *feed) wake() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.wakeLocked()
+}
 
-// wakeLocked tells Next to look; it never blocks, so it may run under mu.
-func (w *Watcher) wakeLocked() {
+// wakeLocked tells every Watcher's Next to look; it never blocks.
+func (f *feed) wakeLocked() {
+	for w := range f.subs {
+		w.wake()
+	}
+}
+
+// wake tells Next to look; it never blocks, so it may run under f.mu.
+func (w *Watcher) wake() {
 	select {
 	case w.notify <- struct{}{}:
 	default:
 	}
 }
 
-func (w *Watcher) setStale(err error) {
-	w.mu.Lock()
-	w.stale, w.err = true, err
-	w.outage = true
-	if !w.synced && w.snap != nil {
-		w.serveSnapshotLocked() // rather than nothing
+func (f *feed) setStale(err error) {
+	f.mu.Lock()
+	f.stale, f.err = true, err
+	f.outage = true
+	if !f.synced && f.snap != nil {
+		f.serveSnapshotLocked() // rather than nothing
 	}
 	// A window in progress closes; what it held is still in known and
 	// belongs to the next window's instances known before the outage.
-	w.inGrace = false
-	w.graceGen++
-	clear(w.pre)
-	clear(w.held)
-	w.mu.Unlock()
-	w.wake()
-	w.wakeSnapshots()
+	f.inGrace = false
+	f.graceGen++
+	clear(f.pre)
+	clear(f.held)
+	f.mu.Unlock()
+	f.wake()
+	f.wakeSnapshots()
 }
 
 // openGrace opens the resync grace window after an outage: for
 // ResyncGrace, a removal of an instance known now is held back (the
 // instance stays listed and the watcher says Stale) and dropped if the
 // instance comes back. Called under mu.
-func (w *Watcher) openGraceLocked() {
-	w.inGrace, w.announce = true, true
-	clear(w.pre)
-	clear(w.held)
-	for id := range w.known {
-		w.pre[id] = true
+func (f *feed) openGraceLocked() {
+	f.inGrace = true
+	f.announceLocked()
+	clear(f.pre)
+	clear(f.held)
+	for id := range f.known {
+		f.pre[id] = true
 	}
-	w.graceGen++
-	gen := w.graceGen
-	time.AfterFunc(w.r.opts.ResyncGrace, func() { w.endGrace(gen) })
+	f.graceGen++
+	gen := f.graceGen
+	time.AfterFunc(f.r.opts.ResyncGrace, func() { f.endGrace(gen) })
 }
 
 // endGrace closes the window opened as generation gen: removals still held
 // back are delivered and the watcher is fresh again.
-func (w *Watcher) endGrace(gen int) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if gen != w.graceGen || !w.inGrace {
+func (f *feed) endGrace(gen int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if gen != f.graceGen || !f.inGrace {
 		return
 	}
-	for id := range w.held {
-		if _, ok := w.known[id]; ok {
-			delete(w.known, id)
-			w.dirty[id] = struct{}{}
+	for id := range f.held {
+		if _, ok := f.known[id]; ok {
+			delete(f.known, id)
+			f.markLocked(id)
 		}
 	}
-	w.inGrace = false
-	clear(w.pre)
-	clear(w.held)
-	w.stale, w.err = false, nil
-	w.wakeLocked()
-	w.wakeSnapshots()
+	f.inGrace = false
+	clear(f.pre)
+	clear(f.held)
+	f.stale, f.err = false, nil
+	f.wakeLocked()
+	f.wakeSnapshots()
 }
 
 // hold reports whether the removal of id is held back by the grace window,
 // and records it. Called under mu.
-func (w *Watcher) holdLocked(id string) bool {
-	if !w.inGrace || !w.pre[id] {
+func (f *feed) holdLocked(id string) bool {
+	if !f.inGrace || !f.pre[id] {
 		return false
 	}
-	if _, ok := w.known[id]; ok {
-		w.held[id] = true
+	if _, ok := f.known[id]; ok {
+		f.held[id] = true
 	}
 	return true
 }
@@ -296,38 +374,37 @@ func (w *Watcher) holdLocked(id string) bool {
 // leases ran out during the outage, and a server may report such a blip
 // more than once (Consul: the catalog, then the check) before the renewals
 // land, so the window never closes early. Called under mu.
-func (w *Watcher) graceStaleLocked() {
-	if !w.stale {
-		w.announce = true
+func (f *feed) graceStaleLocked() {
+	if !f.stale {
+		f.announceLocked()
 	}
-	w.stale = true
-	w.err = fmt.Errorf("%w: resynchronising after an outage: for up to %v, instances known before it that the registry misses (%d now) are kept", ErrUnavailable, w.r.opts.ResyncGrace, len(w.held))
+	f.stale = true
+	f.err = fmt.Errorf("%w: resynchronising after an outage: for up to %v, instances known before it that the registry misses (%d now) are kept", ErrUnavailable, f.r.opts.ResyncGrace, len(f.held))
 }
 
 // apply merges a backend event into known.
-func (w *Watcher) apply(ev driver.Event) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+func (f *feed) apply(ev driver.Event) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	set := func(id string, in Instance) {
-		if old, ok := w.known[id]; !ok || !old.Equal(in) {
-			w.known[id] = in
-			w.dirty[id] = struct{}{}
+		if old, ok := f.known[id]; !ok || !old.Equal(in) {
+			f.known[id] = in
+			f.markLocked(id)
 		}
 	}
 	del := func(id string) {
-		if _, ok := w.known[id]; ok {
-			delete(w.known, id)
-			w.dirty[id] = struct{}{}
+		if _, ok := f.known[id]; ok {
+			delete(f.known, id)
+			f.markLocked(id)
 		}
 	}
-	wasStale := w.stale
 	if ev.Reset {
 		fresh := make(map[string]Instance, len(ev.Instances))
 		var paused map[string]bool // listed, but not serving: gone for clients, never held back
 		for _, di := range ev.Instances {
-			if in, ok := w.r.accept(w.service, di); ok {
+			if in, ok := f.r.accept(f.service, di); ok {
 				fresh[in.ID] = in
-			} else if di.Service == w.service && !serving(Instance(di)) {
+			} else if di.Service == f.service && !serving(Instance(di)) {
 				if paused == nil {
 					paused = map[string]bool{}
 				}
@@ -341,64 +418,63 @@ func (w *Watcher) apply(ev driver.Event) {
 		// just after it answers again).
 		// A list served from a snapshot is replaced by the registry's at
 		// once: nothing says its instances are alive.
-		if w.outage && w.synced && w.snapAt.IsZero() && w.r.opts.ResyncGrace > 0 {
-			w.openGraceLocked()
+		if f.outage && f.synced && f.snapAt.IsZero() && f.r.opts.ResyncGrace > 0 {
+			f.openGraceLocked()
 		}
-		w.outage, w.snapAt, w.snap = false, time.Time{}, nil
-		for id := range w.known {
+		f.outage, f.snapAt, f.snap = false, time.Time{}, nil
+		for id := range f.known {
 			if _, ok := fresh[id]; ok {
 				continue
 			}
 			if paused[id] {
 				del(id)
-				delete(w.held, id)
-			} else if !w.holdLocked(id) {
+				delete(f.held, id)
+			} else if !f.holdLocked(id) {
 				del(id)
 			}
 		}
 		for id, in := range fresh {
 			set(id, in)
-			delete(w.held, id)
+			delete(f.held, id)
 		}
-		w.synced = true
-		if w.inGrace {
-			w.graceStaleLocked()
+		f.synced = true
+		if f.inGrace {
+			f.graceStaleLocked()
 		} else {
-			w.stale, w.err = false, nil
+			f.stale, f.err = false, nil
 		}
 	} else {
 		// In order: a key deleted and put again in one batch ends present.
 		for _, c := range ev.Changes {
 			if c.Instance == nil {
-				if !w.holdLocked(c.ID) {
+				if !f.holdLocked(c.ID) {
 					del(c.ID)
 				}
 				continue
 			}
 			di := *c.Instance
 			if di.ID != c.ID {
-				w.r.log.Warn("registry: backend change names two IDs; treating it as a removal", "service", w.service, "id", c.ID, "instance", di.ID)
+				f.r.log.Warn("registry: backend change names two IDs; treating it as a removal", "service", f.service, "id", c.ID, "instance", di.ID)
 				del(c.ID)
-				delete(w.held, c.ID)
+				delete(f.held, c.ID)
 				continue
 			}
-			if in, ok := w.r.accept(w.service, di); ok {
+			if in, ok := f.r.accept(f.service, di); ok {
 				set(in.ID, in)
-				delete(w.held, in.ID)
+				delete(f.held, in.ID)
 			} else if c.ID != "" {
 				// Overwritten by something invalid: the instance is gone.
 				del(c.ID)
-				delete(w.held, c.ID)
+				delete(f.held, c.ID)
 			}
 		}
-		if w.inGrace {
-			w.graceStaleLocked()
+		if f.inGrace {
+			f.graceStaleLocked()
 		}
 	}
-	if len(w.dirty) > 0 || ev.Reset || w.stale != wasStale || w.announce {
-		w.wakeLocked()
-		w.wakeSnapshots()
-	}
+	// Each Watcher's take finds out whether it has something to deliver.
+	f.wakeLocked()
+	f.wakeSnapshots()
 }
 
 // Next blocks until there is an update and returns it. The first update
@@ -428,40 +504,40 @@ func (w *Watcher) Next(ctx context.Context) (Update, error) {
 // noteStaleLocked records, with metrics, how long the delivered updates
 // stayed stale, as an update with stale is delivered. Called under mu.
 func (w *Watcher) noteStaleLocked(stale bool) {
-	if w.r.met == nil || stale == w.lastStale {
+	if w.f.r.met == nil || stale == w.lastStale {
 		return
 	}
 	if stale {
 		w.staleAt = time.Now()
 	} else if !w.staleAt.IsZero() {
-		w.r.met.staleFor(w.service, time.Since(w.staleAt))
+		w.f.r.met.staleFor(w.service, time.Since(w.staleAt))
 		w.staleAt = time.Time{}
 	}
 }
 
 // take builds the pending update, if any.
 func (w *Watcher) take() (Update, bool) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.ctx.Err() != nil {
+	w.f.mu.Lock()
+	defer w.f.mu.Unlock()
+	if w.closed {
 		return Update{}, false
 	}
-	if !w.synced {
-		if w.stale && !w.lastStale {
+	if !w.f.synced {
+		if w.f.stale && !w.lastStale {
 			w.noteStaleLocked(true)
 			w.lastStale = true
-			w.r.met.update(w.service)
-			return Update{Stale: true, Err: w.err}, true
+			w.f.r.met.update(w.service)
+			return Update{Stale: true, Err: w.f.err}, true
 		}
 		return Update{}, false
 	}
-	if w.first && len(w.dirty) == 0 && w.stale == w.lastStale && !w.announce {
+	if w.first && len(w.dirty) == 0 && w.f.stale == w.lastStale && !w.announce {
 		return Update{}, false
 	}
-	u := Update{Stale: w.stale, Err: w.err, Synced: true, Snapshot: w.snapAt}
+	u := Update{Stale: w.f.stale, Err: w.f.err, Synced: true, Snapshot: w.f.snapAt}
 	for id := range w.dirty {
 		old, had := w.delivered[id]
-		cur, has := w.known[id]
+		cur, has := w.f.known[id]
 		switch {
 		case has && !had:
 			u.Added = append(u.Added, cur.Clone())
@@ -481,12 +557,12 @@ func (w *Watcher) take() (Update, bool) {
 		}
 	}
 	clear(w.dirty)
-	if w.first && len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.stale == w.lastStale && !w.announce {
+	if w.first && len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.f.stale == w.lastStale && !w.announce {
 		return Update{}, false
 	}
-	w.noteStaleLocked(w.stale)
-	w.first, w.lastStale, w.announce = true, w.stale, false
-	w.r.met.update(w.service)
+	w.noteStaleLocked(w.f.stale)
+	w.first, w.lastStale, w.announce = true, w.f.stale, false
+	w.f.r.met.update(w.service)
 	sortByID(u.Added)
 	sortByID(u.Changed)
 	sortByID(u.Removed)

@@ -1,0 +1,95 @@
+package registry_test
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/rollcall-go/rollcall/backends/memory"
+	"github.com/rollcall-go/rollcall/internal/testutil"
+	"github.com/rollcall-go/rollcall/registry"
+)
+
+// nextIDs returns the list after w's next update.
+func nextIDs(t *testing.T, w *registry.Watcher) []string {
+	t.Helper()
+	u, err := w.Next(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids(u.Instances())
+}
+
+// The Watchers of one service in one Registry share one backend watch (100
+// gRPC ClientConns on a service were 100 etcd watchers): each still gets
+// every change, a Watcher that starts late gets the list at once, closing
+// some leaves the others going, and the backend watch ends with the last
+// one. Before, the server counted 100 watches.
+func TestWatchersOfAServiceShareOneBackendWatch(t *testing.T) {
+	srv := memory.NewServer()
+	r := memory.New(srv, &memory.Options{TTL: time.Hour})
+	t.Cleanup(func() { r.Close() })
+	ga, err := r.Register(testCtx(t), registry.Instance{Service: "s", ID: "a", Addr: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 100
+	ws := make([]*registry.Watcher, n)
+	for i := range ws {
+		if ws[i], err = r.Watch(testCtx(t), "s"); err != nil {
+			t.Fatal(err)
+		}
+		defer ws[i].Close()
+	}
+	for i, w := range ws {
+		if got := nextIDs(t, w); !slices.Equal(got, []string{"a"}) {
+			t.Fatalf("watcher %d: first list %v, want [a]", i, got)
+		}
+	}
+	other, err := r.Watch(testCtx(t), "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if got := nextIDs(t, other); len(got) != 0 {
+		t.Fatalf("service t: %v", got)
+	}
+	if got := srv.Watches(); got != 2 {
+		t.Fatalf("%d backend watches for %d Watchers of s and 1 of t, want 2", got, n)
+	}
+	if _, err := r.Register(testCtx(t), registry.Instance{Service: "s", ID: "b", Addr: "127.0.0.1:2"}); err != nil {
+		t.Fatal(err)
+	}
+	for i, w := range ws {
+		if got := nextIDs(t, w); !slices.Equal(got, []string{"a", "b"}) {
+			t.Fatalf("watcher %d after b registered: %v", i, got)
+		}
+	}
+	late, err := r.Watch(testCtx(t), "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer late.Close()
+	if got := nextIDs(t, late); !slices.Equal(got, []string{"a", "b"}) {
+		t.Fatalf("late watcher: first list %v, want [a b]", got)
+	}
+	for _, w := range ws {
+		w.Close()
+	}
+	if err := ga.Deregister(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if got := nextIDs(t, late); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("late watcher after the others closed and a was deregistered: %v", got)
+	}
+	late.Close()
+	testutil.WaitFor(t, 10*time.Second, "the backend watch of s to end with its last Watcher", func() bool { return srv.Watches() == 1 })
+	again, err := r.Watch(testCtx(t), "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	if got := nextIDs(t, again); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("a Watcher after all closed: %v, want [b]", got)
+	}
+}
