@@ -104,9 +104,10 @@ type backend struct {
 }
 
 var (
-	_ driver.Backend     = (*backend)(nil)
-	_ driver.Pinger      = (*backend)(nil)
-	_ driver.Publication = (*publication)(nil)
+	_ driver.Backend       = (*backend)(nil)
+	_ driver.Pinger        = (*backend)(nil)
+	_ driver.ServiceLister = (*backend)(nil)
+	_ driver.Publication   = (*publication)(nil)
 )
 
 // session is one lease and its keepalive loop; all publications of a
@@ -244,6 +245,13 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 		return nil, errCrashed
 	}
 	return b.s.watch(ctx, b.user, scope(b.ns, service))
+}
+
+func (b *backend) Services(ctx context.Context) ([]string, error) {
+	if b.isCrashed() {
+		return nil, errCrashed
+	}
+	return b.s.services(ctx, b.user, b.ns)
 }
 
 func (b *backend) Ping(ctx context.Context) error {
