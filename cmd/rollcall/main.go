@@ -136,8 +136,8 @@ func (c *cli) exit(cmd string, err error) int {
 var urlForms = []struct{ scheme, form, note string }{
 	{"etcd", "etcd://[USER:PASSWORD@]HOST:2379[,HOST:2379...][/PREFIX][?ttl=10s&tls=true&ca=ca.pem&cert=c.pem&key=k.pem&dial-timeout=3s]",
 		"keys under /rollcall/[PREFIX/]SERVICE/ID"},
-	{"consul", "consul://[USER:PASSWORD@]HOST:8500[?ttl=10s&dc=dc1&token=T&tls=true&ca_file=..&cert_file=..&key_file=..]",
-		"the HTTP API of a Consul agent; unset settings come from CONSUL_HTTP_* (consul:/// is $CONSUL_HTTP_ADDR)"},
+	{"consul", "consul://[USER:PASSWORD@]HOST:8500[/PREFIX][?ttl=10s&dc=dc1&token=T&tls=true&ca=ca.pem&cert=c.pem&key=k.pem]",
+		"the HTTP API of a Consul agent; services named PREFIX/SERVICE; ca_file, cert_file, key_file are aliases of ca, cert, key; unset settings come from CONSUL_HTTP_* (consul:/// is $CONSUL_HTTP_ADDR)"},
 	{"nacos", "nacos://[USER:PASSWORD@]HOST:8848[,HOST:8848...][?namespace=NS&group=G&cluster=C&ttl=10s&timeout=5s]",
 		"Nacos 2.x servers' HTTP addresses (the SDK talks gRPC to port+1000)"},
 	{"k8s", "k8s://NAMESPACE[?kubeconfig=PATH&context=NAME&ttl=10s]",
