@@ -45,7 +45,9 @@
 // Each '/'-separated segment of a prefix is a valid service name. A gRPC
 // target consul://HOST:PORT/team-a/user.rpc resolves user.rpc in team-a.
 // Such names are not discoverable through Consul's DNS interface (nor are
-// names with '.' or '_').
+// names with '.' or '_'). Registry.Services lists the catalog's services of
+// the prefix, without the heartbeat service, and without those whose
+// checked instances are all critical (see Services).
 //
 // # Registration
 //

@@ -32,7 +32,9 @@
 // {"Addr":"10.0.0.7:8080","Metadata":{...}}, the shape of etcd's own
 // naming/endpoints.Endpoint, so etcd's gRPC resolver reads the same keys.
 // Values that do not decode, or decode to an invalid instance, are skipped
-// with a log line.
+// with a log line. Registry.Services reads the keys (not the values) under
+// ROOT and lists the SERVICE of every ROOT SERVICE/ID key; the keys of a
+// deeper prefix (ROOT team-a/SERVICE/ID) are not listed.
 //
 // Liveness: one lease per Registry, shared by all its registrations and
 // renewed by clientv3's keepalive (about one keepalive per TTL/3 whatever the

@@ -10,6 +10,9 @@
 //
 // Every mem:// URL with the same NAME, in one process, opens the same Server
 // (NamedServer). The only parameter is ttl, the lease TTL (default 10s).
+//
+// Registry.Services lists the services of the client's namespace that have
+// entries.
 package memory
 
 import (
