@@ -77,7 +77,7 @@ type Options struct {
 	// The zero value means 100ms to 10s, jittered.
 	Backoff Backoff
 	// CallTimeout bounds every call the shared layer makes to the backend
-	// (Register's publication, Lookup, Ping, opening a watch, Update,
+	// (Register's publication, Lookup, Ping, Services, opening a watch, Update,
 	// re-registration, withdrawal), together with the caller's context
 	// where there is one; 5s when zero. A call that gets no answer within
 	// it fails with ErrUnavailable.

@@ -182,7 +182,7 @@ func (c *cli) register(ctx context.Context, args []string) error {
 		return err
 	}
 	defer r.Close()
-	if strings.HasPrefix(rawURL, "mem:") {
+	if len(rawURL) > 4 && strings.EqualFold(rawURL[:4], "mem:") {
 		fmt.Fprintln(c.stderr, "rollcall register: warning: a mem:// registry lives only in this process; no other command or process sees this registration")
 	}
 	// say reports a state change, as text or as a JSON object.

@@ -281,7 +281,7 @@ func TestRegisterJSON(t *testing.T) {
 // ls without SERVICE on a backend that cannot list services says so.
 func TestLsServicesUnsupported(t *testing.T) {
 	code, out, errout := exec(t, "ls", "static://127.0.0.1:80")
-	if code != exitRegistry || out != "" || !strings.Contains(errout, "cannot list services: unsupported operation") {
+	if code != exitRegistry || out != "" || !strings.Contains(errout, "there is no list of services: unsupported operation") {
 		t.Fatalf("ls static:// without SERVICE: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errout)
 	}
 }
