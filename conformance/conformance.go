@@ -49,6 +49,7 @@ func RunConformanceTests(t *testing.T, newHarness HarnessMaker) {
 		{"ReregistersAfterEntryDeleted", testReregisterDeleted},
 		{"ReregistersAfterServerRestartWithWipedData", testReregisterWiped},
 		{"ServiceNamesArePrefixIsolated", testPrefixIsolation},
+		{"ServicesListsServicesWithInstances", testServices},
 		{"InvalidInstancesAreRejected", testInvalidInstances},
 		{"InvalidURLsAreRejected", testInvalidURLs},
 		{"GarbageInRegistryIsSkipped", testGarbage},

@@ -113,3 +113,12 @@ func connectionBound(h Harness) bool {
 	cb, ok := h.(ConnectionBound)
 	return ok && cb.RegistrationsAreConnectionBound()
 }
+
+// ServicesOutliveInstances is implemented by harnesses whose server keeps
+// listing a service for a while after its last instance is gone (Nacos
+// keeps an empty service until its cleaner removes it, a minute or more).
+// ServicesListsServicesWithInstances then requires only that Lookup finds
+// no instance of it.
+type ServicesOutliveInstances interface {
+	ServicesOutliveInstances() bool
+}

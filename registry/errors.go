@@ -30,7 +30,7 @@ var (
 
 // Error records a failed operation on one service.
 type Error struct {
-	Op      string // "register", "lookup", "watch", "deregister", "update", "ping"
+	Op      string // "register", "lookup", "watch", "deregister", "update", "ping", "services"
 	Service string
 	Err     error
 }

@@ -229,6 +229,9 @@ func TestCallsAreBoundedWhileServerFrozen(t *testing.T) {
 	if err := r.Ping(bg); !errors.Is(err, registry.ErrUnavailable) {
 		t.Errorf("Ping: %v, want ErrUnavailable", err)
 	}
+	if _, err := r.Services(bg); !errors.Is(err, registry.ErrUnavailable) {
+		t.Errorf("Services: %v, want ErrUnavailable", err)
+	}
 	if err := reg.Update(bg, registry.Instance{Service: "s", ID: "a", Addr: "127.0.0.1:9"}); !errors.Is(err, registry.ErrUnavailable) {
 		t.Errorf("Update: %v, want ErrUnavailable", err)
 	}

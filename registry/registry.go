@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -58,6 +59,12 @@ type Registry interface {
 	Discoverer
 	// Ping checks that the registry server answers.
 	Ping(ctx context.Context) error
+	// Services returns the names of the services that have instances in
+	// the registry (under its prefix or namespace), sorted. A backend that
+	// cannot tell cheaply may list a service whose instances are all gone;
+	// Lookup then returns none. A backend that cannot list services at all
+	// returns an error wrapping errors.ErrUnsupported.
+	Services(ctx context.Context) ([]string, error)
 	// Close deregisters what is still registered (bounded by a few seconds),
 	// stops every Watcher and releases the backend. It is idempotent; after it
 	// every method returns ErrClosed.
@@ -72,7 +79,7 @@ type Options struct {
 	// The zero value means 100ms to 10s, jittered.
 	Backoff Backoff
 	// CallTimeout bounds every call the shared layer makes to the backend
-	// (Register's publication, Lookup, Ping, opening a watch, Update,
+	// (Register's publication, Lookup, Ping, Services, opening a watch, Update,
 	// re-registration, withdrawal), together with the caller's context
 	// where there is one; 5s when zero. A call that gets no answer within
 	// it fails with ErrUnavailable.
@@ -311,6 +318,33 @@ func (r *registry) Ping(ctx context.Context) error {
 		_, err = r.b.List(c.ctx, "rollcall-ping")
 	}
 	return opErr("ping", "", c.end(err))
+}
+
+func (r *registry) Services(ctx context.Context) ([]string, error) {
+	if r.isClosed() {
+		return nil, opErr("services", "", ErrClosed)
+	}
+	sl, ok := r.b.(driver.ServiceLister)
+	if !ok {
+		return nil, opErr("services", "", fmt.Errorf("this backend cannot list services: %w", errors.ErrUnsupported))
+	}
+	cctx, stop := r.callCtx(ctx)
+	names, err := sl.Services(cctx)
+	err = r.callErr(ctx, cctx, err)
+	stop()
+	if err != nil {
+		return nil, opErr("services", "", err)
+	}
+	out := make([]string, 0, len(names))
+	for _, n := range names {
+		if ValidateServiceName(n) != nil {
+			r.log.Warn("registry: skipping invalid service name read from the registry", "service", n)
+			continue
+		}
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
 }
 
 func (r *registry) isClosed() bool {

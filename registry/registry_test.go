@@ -273,3 +273,41 @@ func TestUpdateSnapshotsAreStable(t *testing.T) {
 		t.Fatalf("first update now shows %d instances", n)
 	}
 }
+
+// Services lists the services that have instances, sorted, each once; a
+// backend that cannot list services says so with errors.ErrUnsupported.
+func TestServices(t *testing.T) {
+	ctx := testCtx(t)
+	r := memory.New(memory.NewServer(), nil)
+	defer r.Close()
+	for _, in := range []registry.Instance{{Service: "b", ID: "1", Addr: "127.0.0.1:1"}, {Service: "a", ID: "1", Addr: "127.0.0.1:1"}, {Service: "b", ID: "2", Addr: "127.0.0.1:2"}} {
+		if _, err := r.Register(ctx, in); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := r.Services(ctx); err != nil || !slices.Equal(got, []string{"a", "b"}) {
+		t.Errorf("Services = %q, %v; want [a b]", got, err)
+	}
+	bare := registry.New(listOnly{}, nil)
+	defer bare.Close()
+	var re *registry.Error
+	if _, err := bare.Services(ctx); !errors.Is(err, errors.ErrUnsupported) || !errors.As(err, &re) || re.Op != "services" {
+		t.Errorf("Services of a backend without ServiceLister: %v, want an Error wrapping errors.ErrUnsupported", err)
+	}
+	r.Close()
+	if _, err := r.Services(ctx); !errors.Is(err, registry.ErrClosed) {
+		t.Errorf("Services after Close: %v, want ErrClosed", err)
+	}
+}
+
+// listOnly is a backend with no optional capability.
+type listOnly struct{}
+
+func (listOnly) Publish(context.Context, driver.Instance) (driver.Publication, error) {
+	return nil, errors.ErrUnsupported
+}
+func (listOnly) List(context.Context, string) ([]driver.Instance, error) { return nil, nil }
+func (listOnly) Watch(context.Context, string) (driver.Stream, error) {
+	return nil, errors.ErrUnsupported
+}
+func (listOnly) Close() error { return nil }

@@ -182,6 +182,10 @@ func Open(ctx context.Context, rawURL string) (Registry, error) {
 // it from init.
 func Register(scheme string, opener URLOpener) { defaultMux.Register(scheme, opener) }
 
+// Schemes returns the schemes registered with the default URLMux, sorted:
+// those of the backends linked into the program.
+func Schemes() []string { return defaultMux.Schemes() }
+
 // Redact returns rawURL with any password, and the values of query
 // parameters that carry secrets (token, password, secret, key), replaced by
 // "xxxxx". Use it whenever a URL goes into an error or a log line.

@@ -4,7 +4,7 @@
 // # URL form
 //
 //	consul://HOST:PORT/[PREFIX]?ttl=10s&dc=dc1&token=SECRET
-//	consul://HOST:8501/?tls=true&ca_file=/etc/consul/ca.pem&cert_file=c.pem&key_file=k.pem
+//	consul://HOST:8501/?tls=true&ca=/etc/consul/ca.pem&cert=c.pem&key=k.pem
 //	consul://USER:PASSWORD@HOST:PORT/   (HTTP basic auth, for an agent behind a proxy)
 //
 // HOST:PORT is the HTTP API of a Consul agent (normally the local one); the
@@ -19,9 +19,11 @@
 //	dc                    datacenter for discovery (default: the agent's)
 //	token                 ACL token; never appears in errors or logs
 //	token_file            file holding the ACL token
-//	tls                   true: talk HTTPS (implied by ca_file, ca_path, cert_file)
-//	ca_file, ca_path      CA certificate file, or directory of them
-//	cert_file, key_file   client certificate and key, for mutual TLS
+//	tls                   true: talk HTTPS (implied by ca, ca_path, cert)
+//	ca, ca_path           CA certificate file, or directory of them
+//	cert, key             client certificate and key files, for mutual TLS
+//	ca_file, cert_file,   aliases of ca, cert and key, as Consul spells them
+//	key_file              (etcd:// URLs take ca, cert and key); give one spelling
 //	server_name           TLS server name (default: HOST)
 //	insecure_skip_verify  true: do not verify the agent's certificate
 //	wait                  wait time of the blocking queries (default ttl/2, between 1s and 5s; see Watch)
@@ -43,7 +45,9 @@
 // Each '/'-separated segment of a prefix is a valid service name. A gRPC
 // target consul://HOST:PORT/team-a/user.rpc resolves user.rpc in team-a.
 // Such names are not discoverable through Consul's DNS interface (nor are
-// names with '.' or '_').
+// names with '.' or '_'). Registry.Services lists the catalog's services of
+// the prefix, without the heartbeat service, and without those whose
+// checked instances are all critical (see Services).
 //
 // # Registration
 //
@@ -254,16 +258,29 @@ func openURL(_ context.Context, u *url.URL) (registry.Registry, error) {
 	tokenFile := p.String("token_file", "")
 	useTLS := p.Bool("tls", false)
 	tlsSet := u.Query().Has("tls")
+	// ca, cert and key, as etcd:// spells them, or ca_file, cert_file and
+	// key_file, as Consul does.
+	var spelled []string
+	file := func(name, alias string) string {
+		v, a := p.String(name, ""), p.String(alias, "")
+		if v != "" && a != "" {
+			spelled = append(spelled, name+" and "+alias)
+		}
+		return v + a
+	}
 	tc := api.TLSConfig{
-		CAFile:             p.String("ca_file", ""),
+		CAFile:             file("ca", "ca_file"),
 		CAPath:             p.String("ca_path", ""),
-		CertFile:           p.String("cert_file", ""),
-		KeyFile:            p.String("key_file", ""),
+		CertFile:           file("cert", "cert_file"),
+		KeyFile:            file("key", "key_file"),
 		Address:            p.String("server_name", ""),
 		InsecureSkipVerify: p.Bool("insecure_skip_verify", false),
 	}
 	if err := p.Err(); err != nil {
 		return nil, err
+	}
+	if len(spelled) > 0 {
+		return nil, invalidURL(u, "%s are one parameter: give one", spelled[0])
 	}
 	if u.Opaque != "" || u.Fragment != "" {
 		return nil, invalidURL(u, "no fragment allowed")
@@ -281,7 +298,7 @@ func openURL(_ context.Context, u *url.URL) (registry.Registry, error) {
 		return nil, invalidURL(u, "deregister_after must be at least %v (Consul's minimum)", minDeregisterAfter)
 	}
 	if (tc.CertFile == "") != (tc.KeyFile == "") {
-		return nil, invalidURL(u, "cert_file and key_file go together")
+		return nil, invalidURL(u, "cert and key (cert_file and key_file) go together")
 	}
 	implied := tc.CAFile != "" || tc.CAPath != "" || tc.CertFile != "" || tc.Address != "" || tc.InsecureSkipVerify
 	if tlsSet && !useTLS && implied {

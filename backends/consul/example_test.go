@@ -40,5 +40,5 @@ func ExampleNew() {
 func Example_badURL() {
 	_, err := registry.Open(context.Background(), "consul://127.0.0.1:8500/?token=SECRET&tll=10s")
 	fmt.Println(err)
-	// Output: registry: invalid URL: consul://127.0.0.1:8500/?tll=10s&token=xxxxx: unknown parameter "tll" (known: ca_file, ca_path, cert_file, dc, deregister_after, insecure_skip_verify, key_file, server_name, tls, token, token_file, ttl, wait)
+	// Output: registry: invalid URL: consul://127.0.0.1:8500/?tll=10s&token=xxxxx: unknown parameter "tll" (known: ca, ca_file, ca_path, cert, cert_file, dc, deregister_after, insecure_skip_verify, key, key_file, server_name, tls, token, token_file, ttl, wait)
 }

@@ -120,6 +120,11 @@ func TestTLSAndACLToken(t *testing.T) {
 	if err := r.Ping(ctxFor(t, 10*time.Second)); err != nil {
 		t.Fatalf("Ping over TLS: %v", err)
 	}
+	// The etcd:// spelling of the TLS files works the same.
+	etcdSpelling := url.Values{"ca": {pki.ca}, "cert": {pki.clientCert}, "key": {pki.clientKey}, "token": {token}}
+	if err := open("consul://" + srv.HTTPSAddr() + "/?" + etcdSpelling.Encode()).Ping(ctxFor(t, 10*time.Second)); err != nil {
+		t.Fatalf("Ping over TLS with ca, cert and key: %v", err)
+	}
 	if _, err := r.Register(ctxFor(t, 10*time.Second), instance("secure", "a", 9001)); err != nil {
 		t.Fatalf("Register over TLS with the token: %v", err)
 	}

@@ -26,6 +26,11 @@ func TestOpenRejectsBadURLs(t *testing.T) {
 		"consul://127.0.0.1:8500/?tls=yes-please",
 		"consul://127.0.0.1:8500/?tls=false&insecure_skip_verify=true",
 		"consul://127.0.0.1:8500/?key_file=/k.pem",
+		"consul://127.0.0.1:8500/?key=/k.pem",
+		"consul://127.0.0.1:8500/?cert=/c.pem&key_file=/k.pem&ca=/nonexistent/ca.pem",
+		"consul://127.0.0.1:8500/?ca=/a.pem&ca_file=/a.pem", // one parameter, two spellings
+		"consul://127.0.0.1:8500/?cert=/c.pem&cert_file=/c.pem&key=/k.pem",
+		"consul://127.0.0.1:8500/?ca=/nonexistent/ca.pem",
 		"consul://127.0.0.1:8500/?deregister_after=59s",
 		"consul://127.0.0.1:8500/?ca_file=/nonexistent/ca.pem&token=hunter2",
 		"consul://user:s3cret@127.0.0.1:8500/?ttl=x",

@@ -32,7 +32,9 @@
 // {"Addr":"10.0.0.7:8080","Metadata":{...}}, the shape of etcd's own
 // naming/endpoints.Endpoint, so etcd's gRPC resolver reads the same keys.
 // Values that do not decode, or decode to an invalid instance, are skipped
-// with a log line.
+// with a log line. Registry.Services reads the keys (not the values) under
+// ROOT and lists the SERVICE of every ROOT SERVICE/ID key; the keys of a
+// deeper prefix (ROOT team-a/SERVICE/ID) are not listed.
 //
 // Liveness: one lease per Registry, shared by all its registrations and
 // renewed by clientv3's keepalive (about one keepalive per TTL/3 whatever the
@@ -298,10 +300,11 @@ type backend struct {
 }
 
 var (
-	_ driver.Backend     = (*backend)(nil)
-	_ driver.Pinger      = (*backend)(nil)
-	_ driver.Publication = (*publication)(nil)
-	_ driver.Stream      = (*stream)(nil)
+	_ driver.Backend       = (*backend)(nil)
+	_ driver.Pinger        = (*backend)(nil)
+	_ driver.ServiceLister = (*backend)(nil)
+	_ driver.Publication   = (*publication)(nil)
+	_ driver.Stream        = (*stream)(nil)
 )
 
 // value is the stored JSON, etcd naming/endpoints.Endpoint's shape.
@@ -386,6 +389,27 @@ func (b *backend) list(ctx context.Context, service string) ([]driver.Instance, 
 		}
 	}
 	return out, resp.Header.Revision, nil
+}
+
+// Services reads the keys (not the values) under the prefix and returns
+// the services that have an instance key, ROOT SERVICE/ID. Deeper keys
+// belong to other prefixes (ROOT team-a/SERVICE/ID) and are not listed.
+func (b *backend) Services(ctx context.Context) ([]string, error) {
+	if err := b.connect(ctx); err != nil {
+		return nil, err
+	}
+	resp, err := b.cli.Get(clientv3.WithRequireLeader(ctx), b.opts.Prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, classify(err)
+	}
+	var out []string
+	for _, kv := range resp.Kvs {
+		svc, id, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), b.opts.Prefix), "/")
+		if ok && svc != "" && id != "" && !strings.Contains(id, "/") && (len(out) == 0 || out[len(out)-1] != svc) {
+			out = append(out, svc)
+		}
+	}
+	return out, nil
 }
 
 func (b *backend) Close() error {

@@ -46,10 +46,10 @@ const (
 // there before the slices were read. When RBAC forbids reading Leases the
 // registered slices are taken as they are (see the package doc), with one
 // warning per backend.
-func (b *backend) list(ctx context.Context, t target) (*coordinationv1.LeaseList, *discoveryv1.EndpointSliceList, leaseState, error) {
+func (b *backend) list(ctx context.Context, selector string) (*coordinationv1.LeaseList, *discoveryv1.EndpointSliceList, leaseState, error) {
 	rctx, cancel := context.WithTimeout(ctx, b.opts.RequestTimeout)
 	defer cancel()
-	slices, err := b.cs.DiscoveryV1().EndpointSlices(b.ns).List(rctx, listOptions(t.selector(), nil))
+	slices, err := b.cs.DiscoveryV1().EndpointSlices(b.ns).List(rctx, listOptions(selector, nil))
 	if err != nil {
 		return nil, nil, leasesNone, b.wrap(ctx, "list", resSlices, err)
 	}
@@ -103,7 +103,7 @@ func (b *backend) List(ctx context.Context, service string) ([]driver.Instance, 
 	if err != nil {
 		return nil, err
 	}
-	leases, slices, state, err := b.list(ctx, t)
+	leases, slices, state, err := b.list(ctx, t.selector())
 	if err != nil {
 		return nil, err
 	}
@@ -301,7 +301,7 @@ var errNeedLeases = errors.New("k8s: a registered slice appeared; listing its Le
 func (s *stream) loop() error {
 	v := newView(s.b, s.t)
 	for {
-		leases, slices, state, err := s.b.list(s.ctx, s.t)
+		leases, slices, state, err := s.b.list(s.ctx, s.t.selector())
 		if err != nil {
 			return err
 		}

@@ -215,6 +215,7 @@ func TestDiscovery(t *testing.T) {
 	t.Run("SlicesOfAServiceAreMerged", func(t *testing.T) { testMultiSlice(t, env) })
 	t.Run("ConditionsReadyServingTerminating", func(t *testing.T) { testConditions(t, env) })
 	t.Run("DualStackSlices", func(t *testing.T) { testDualStack(t, env) })
+	t.Run("ServicesListsThoseWithEndpoints", func(t *testing.T) { testServices(t, env) })
 	t.Run("RegistrationIsALeasedEndpointSlice", func(t *testing.T) { testRegistrationShape(t, env) })
 	t.Run("ExpiredLeaseHidesSlicesAndIsCollected", func(t *testing.T) { testExpiredLease(t, env) })
 	t.Run("OneLeasePerRegistryDeletedWithTheLastRegistration", func(t *testing.T) { testOneLease(t, env) })

@@ -51,6 +51,9 @@
 // MetaNode, MetaPod, MetaHostname, MetaPortName, MetaHintZones and
 // MetaHintNodes when the slice has them.
 //
+// Registry.Services lists the namespace's services (the service-name labels
+// of its EndpointSlices) of which Lookup of SERVICE would find an instance.
+//
 // Conditions: an endpoint is an instance when it is ready (a nil ready
 // condition counts as ready). An endpoint that is not ready but serving and
 // terminating is used only while the service (with its port selector) has no

@@ -10,6 +10,9 @@
 //
 // Every mem:// URL with the same NAME, in one process, opens the same Server
 // (NamedServer). The only parameter is ttl, the lease TTL (default 10s).
+//
+// Registry.Services lists the services of the client's namespace that have
+// entries.
 package memory
 
 import (
@@ -107,9 +110,10 @@ type backend struct {
 }
 
 var (
-	_ driver.Backend     = (*backend)(nil)
-	_ driver.Pinger      = (*backend)(nil)
-	_ driver.Publication = (*publication)(nil)
+	_ driver.Backend       = (*backend)(nil)
+	_ driver.Pinger        = (*backend)(nil)
+	_ driver.ServiceLister = (*backend)(nil)
+	_ driver.Publication   = (*publication)(nil)
 )
 
 // session is one lease and its keepalive loop; all publications of a
@@ -247,6 +251,13 @@ func (b *backend) Watch(ctx context.Context, service string) (driver.Stream, err
 		return nil, errCrashed
 	}
 	return b.s.watch(ctx, b.user, scope(b.ns, service))
+}
+
+func (b *backend) Services(ctx context.Context) ([]string, error) {
+	if b.isCrashed() {
+		return nil, errCrashed
+	}
+	return b.s.services(ctx, b.user, b.ns)
 }
 
 func (b *backend) Ping(ctx context.Context) error {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -278,6 +279,26 @@ func (s *Server) list(ctx context.Context, user, service string) ([]driver.Insta
 	}
 	defer s.mu.Unlock()
 	return s.listLocked(service), nil
+}
+
+// services returns the services with entries in namespace ns.
+func (s *Server) services(ctx context.Context, user, ns string) ([]string, error) {
+	if err := s.enter(ctx, user, "list services"); err != nil {
+		return nil, err
+	}
+	defer s.mu.Unlock()
+	var out []string
+	for sc, es := range s.entries {
+		if len(es) == 0 {
+			continue
+		}
+		if ns == "" && !strings.Contains(sc, "/") {
+			out = append(out, sc)
+		} else if svc, ok := strings.CutPrefix(sc, ns+"/"); ns != "" && ok && !strings.Contains(svc, "/") {
+			out = append(out, svc)
+		}
+	}
+	return out, nil
 }
 
 func (s *Server) listLocked(service string) []driver.Instance {

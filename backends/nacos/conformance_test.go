@@ -72,6 +72,11 @@ func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry
 	return h.keep(ownedRegistry{r, cli}), nil
 }
 
+// ServicesOutliveInstances: Nacos keeps a service whose instances are gone
+// until its empty service cleaner removes it (the protocol server until it
+// restarts).
+func (h *harness) ServicesOutliveInstances() bool { return true }
+
 // keep notes r for Close.
 func (h *harness) keep(r registry.Registry) registry.Registry {
 	h.mu.Lock()

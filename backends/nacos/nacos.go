@@ -48,6 +48,11 @@
 // Nacos identifies an instance by service, cluster, ip and port: two IDs with
 // the same address in one service and cluster are one Nacos instance.
 //
+// Registry.Services lists the services of the namespace and group as the
+// server's service list has them; the server keeps a service whose
+// instances are gone until its empty service cleaner removes it, so such a
+// service may be listed for a minute or more (Lookup finds no instance).
+//
 // # Liveness
 //
 // Nacos 2.x ephemeral instances belong to the gRPC connection of the client

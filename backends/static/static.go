@@ -30,7 +30,9 @@
 //	  ]
 //	}
 //
-// A service the file does not name has no endpoints. The file is watched
+// A service the file does not name has no endpoints; Registry.Services
+// lists those it names with endpoints (the host-list form has no list of
+// services). The file is watched
 // (fsnotify, on its directory, so editors that save by renaming are seen) and
 // every change reaches Lookup and every Watcher as one diff. A file that does
 // not parse, holds an invalid endpoint or is removed loses nothing: the last
@@ -240,8 +242,9 @@ type backend struct {
 }
 
 var (
-	_ driver.Backend = (*backend)(nil)
-	_ driver.Pinger  = (*backend)(nil)
+	_ driver.Backend       = (*backend)(nil)
+	_ driver.Pinger        = (*backend)(nil)
+	_ driver.ServiceLister = (*backend)(nil)
 )
 
 var errReadOnly = fmt.Errorf("static: a static registry is read-only: its endpoints come from its URL, Options or file: %w", errors.ErrUnsupported)
@@ -275,6 +278,24 @@ func (b *backend) Watch(_ context.Context, service string) (driver.Stream, error
 }
 
 // Ping reports the file's problem, while it has one.
+// Services lists the services of the file (or Options) that have
+// endpoints. The host-list form gives every service the same endpoints, so
+// it has no list of services: an error wrapping errors.ErrUnsupported.
+func (b *backend) Services(context.Context) ([]string, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.any != nil {
+		return nil, fmt.Errorf("static: every service has the URL's endpoints: there is no list of services: %w", errors.ErrUnsupported)
+	}
+	var out []string
+	for svc, list := range b.byService {
+		if len(list) > 0 {
+			out = append(out, svc)
+		}
+	}
+	return out, nil
+}
+
 func (b *backend) Ping(context.Context) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()

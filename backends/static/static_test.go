@@ -259,3 +259,16 @@ func TestFileChangesReachWatchersAndBadFilesLoseNothing(t *testing.T) {
 	want("the empty list the file now gives")
 	testutil.WaitFor(t, 10*time.Second, "Ping to be fine again", func() bool { return r.Ping(ctxT(t)) == nil })
 }
+
+// Services lists the file's services that have endpoints; the host-list
+// form, where every service has the same endpoints, has no list.
+func TestServices(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "endpoints.json")
+	writeFile(t, path, `{"user.rpc": ["10.0.0.1:8080"], "billing": ["10.0.0.2:8080", "10.0.0.3:8080"], "empty": []}`)
+	if got, err := open(t, "static:///?file="+path).Services(ctxT(t)); err != nil || !slices.Equal(got, []string{"billing", "user.rpc"}) {
+		t.Fatalf("Services of the file = %q, %v; want [billing user.rpc]", got, err)
+	}
+	if _, err := open(t, "static://10.0.0.1:8080").Services(ctxT(t)); !errors.Is(err, errors.ErrUnsupported) {
+		t.Fatalf("Services of the host list: %v, want errors.ErrUnsupported", err)
+	}
+}

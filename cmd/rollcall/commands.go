@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -26,15 +25,18 @@ func unreachable(rawURL string, timeout time.Duration, err error) error {
 }
 
 func (c *cli) ls(ctx context.Context, args []string) error {
-	fs := c.newFlagSet("ls", "ls URL SERVICE [--timeout 5s] [--json]")
+	fs := c.newFlagSet("ls", "ls URL [SERVICE] [--timeout 5s] [--json]")
 	timeout := fs.Duration("timeout", 5*time.Second, "how long to wait for the registry")
-	asJSON := fs.Bool("json", false, "print a JSON array of instances")
-	pos, err := c.parse(fs, args, "URL", "SERVICE")
+	asJSON := fs.Bool("json", false, "print a JSON array of instances (of services and their counts without SERVICE)")
+	pos, err := c.parse(fs, args, "URL", "[SERVICE]")
 	if err != nil {
 		return err
 	}
+	if len(pos) == 1 {
+		return c.lsServices(ctx, pos[0], *timeout, *asJSON)
+	}
 	rawURL, service := pos[0], pos[1]
-	r, err := c.open(ctx, rawURL, service)
+	r, err := c.open(ctx, "ls", rawURL, service)
 	if err != nil {
 		return err
 	}
@@ -46,19 +48,7 @@ func (c *cli) ls(ctx context.Context, args []string) error {
 		return unreachable(rawURL, *timeout, err)
 	}
 	if *asJSON {
-		type jsonInstance struct {
-			Service  string            `json:"service"`
-			ID       string            `json:"id"`
-			Addr     string            `json:"addr"`
-			Metadata map[string]string `json:"metadata,omitempty"`
-		}
-		out := make([]jsonInstance, len(list))
-		for i, in := range list {
-			out[i] = jsonInstance(in)
-		}
-		enc := json.NewEncoder(c.stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(out)
+		return c.printJSON(jsonInstances(list), "  ")
 	}
 	if len(list) == 0 {
 		fmt.Fprintf(c.stderr, "no instances of %s\n", service)
@@ -84,13 +74,14 @@ func formatMeta(md map[string]string) string {
 func stamp() string { return time.Now().Format("15:04:05.000") }
 
 func (c *cli) watch(ctx context.Context, args []string) error {
-	fs := c.newFlagSet("watch", "watch URL SERVICE")
+	fs := c.newFlagSet("watch", "watch URL SERVICE [--json]")
+	asJSON := fs.Bool("json", false, "print one JSON object per update, a line each")
 	pos, err := c.parse(fs, args, "URL", "SERVICE")
 	if err != nil {
 		return err
 	}
 	rawURL, service := pos[0], pos[1]
-	r, err := c.open(ctx, rawURL, service)
+	r, err := c.open(ctx, "watch", rawURL, service)
 	if err != nil {
 		return err
 	}
@@ -100,7 +91,11 @@ func (c *cli) watch(ctx context.Context, args []string) error {
 		return err
 	}
 	defer w.Close()
-	fmt.Fprintf(c.stdout, "%s watching %s in %s (Ctrl-C to stop)\n", stamp(), service, registry.Redact(rawURL))
+	header := c.stdout
+	if *asJSON {
+		header = c.stderr // stdout has JSON only
+	}
+	fmt.Fprintf(header, "%s watching %s in %s (Ctrl-C to stop)\n", stamp(), service, registry.Redact(rawURL))
 	first, stale := true, false
 	for {
 		u, err := w.Next(ctx)
@@ -109,6 +104,12 @@ func (c *cli) watch(ctx context.Context, args []string) error {
 				return nil // interrupted: a normal end
 			}
 			return err
+		}
+		if *asJSON {
+			if err := c.printJSON(jsonUpdateOf(time.Now(), u), ""); err != nil {
+				return err
+			}
+			continue
 		}
 		now := stamp()
 		if !u.Synced {
@@ -153,12 +154,13 @@ func (m metaFlag) Set(s string) error {
 }
 
 func (c *cli) register(ctx context.Context, args []string) error {
-	fs := c.newFlagSet("register", "register URL SERVICE ADDR [--id ID] [--meta k=v]... [--ttl 10s] [--timeout 5s]")
+	fs := c.newFlagSet("register", "register URL SERVICE ADDR [--id ID] [--meta k=v]... [--ttl 10s] [--timeout 5s] [--json]")
 	id := fs.String("id", "", "instance ID (default: ADDR)")
 	meta := metaFlag{}
 	fs.Var(meta, "meta", "metadata `k=v`; repeat for more (weight, zone and version are conventional keys)")
 	ttl := fs.Duration("ttl", 0, "lease TTL; sets the URL's ttl parameter (default: the URL's, or 10s)")
 	timeout := fs.Duration("timeout", 5*time.Second, "how long to wait for the first registration and for the deregistration")
+	asJSON := fs.Bool("json", false, "print one JSON object per state change, a line each")
 	pos, err := c.parse(fs, args, "URL", "SERVICE", "ADDR")
 	if err != nil {
 		return err
@@ -175,11 +177,26 @@ func (c *cli) register(ctx context.Context, args []string) error {
 	if err := inst.Validate(); err != nil {
 		return err
 	}
-	r, err := c.open(ctx, rawURL, service)
+	r, err := c.open(ctx, "register", rawURL, service)
 	if err != nil {
 		return err
 	}
 	defer r.Close()
+	if len(rawURL) > 4 && strings.EqualFold(rawURL[:4], "mem:") {
+		fmt.Fprintln(c.stderr, "rollcall register: warning: a mem:// registry lives only in this process; no other command or process sees this registration")
+	}
+	// say reports a state change, as text or as a JSON object.
+	say := func(event string, err error, text string) {
+		if !*asJSON {
+			fmt.Fprintf(c.stdout, "%s %s\n", stamp(), text)
+			return
+		}
+		ev := jsonEvent{Time: time.Now(), Event: event, Service: inst.Service, ID: inst.ID, Addr: inst.Addr, Registry: registry.Redact(rawURL)}
+		if err != nil {
+			ev.Error = err.Error()
+		}
+		_ = c.printJSON(ev, "")
+	}
 	rctx, cancel := context.WithTimeout(ctx, *timeout)
 	rr, err := r.Register(rctx, inst)
 	cancel()
@@ -190,7 +207,7 @@ func (c *cli) register(ctx context.Context, args []string) error {
 		return unreachable(rawURL, *timeout, err)
 	}
 	inst = rr.Instance()
-	fmt.Fprintf(c.stdout, "%s registered %s/%s at %s in %s; Ctrl-C deregisters\n", stamp(), inst.Service, inst.ID, inst.Addr, registry.Redact(rawURL))
+	say("registered", nil, fmt.Sprintf("registered %s/%s at %s in %s; Ctrl-C deregisters", inst.Service, inst.ID, inst.Addr, registry.Redact(rawURL)))
 
 	// Report the supervisor's state changes until interrupted.
 	last := rr.Status()
@@ -210,10 +227,10 @@ func (c *cli) register(ctx context.Context, args []string) error {
 			if st.Err != nil {
 				why = fmt.Sprintf(" (%v)", st.Err)
 			}
-			fmt.Fprintf(c.stdout, "%s LOST registration lost%s; registering again\n", stamp(), why)
+			say("lost", st.Err, "LOST registration lost"+why+"; registering again")
 		}
 		if again {
-			fmt.Fprintf(c.stdout, "%s registered again\n", stamp())
+			say("registered-again", nil, "registered again")
 		}
 		last = st
 	}
@@ -222,7 +239,7 @@ func (c *cli) register(ctx context.Context, args []string) error {
 	if err := rr.Deregister(dctx); err != nil {
 		return fmt.Errorf("deregistering %s/%s: %w", inst.Service, inst.ID, unreachable(rawURL, *timeout, err))
 	}
-	fmt.Fprintf(c.stdout, "%s deregistered %s/%s\n", stamp(), inst.Service, inst.ID)
+	say("deregistered", nil, fmt.Sprintf("deregistered %s/%s", inst.Service, inst.ID))
 	return nil
 }
 

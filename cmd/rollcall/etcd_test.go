@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -32,5 +33,28 @@ func TestEtcd(t *testing.T) {
 		}
 	}
 	// The TTL outlives the outage, so that the registrations survive it.
-	testCommands(t, "etcd://"+srv.Endpoint()+"/cli-test?ttl=15s", srv.Stop, srv.Start, revoke)
+	u := "etcd://" + srv.Endpoint() + "/cli-test?ttl=15s"
+	testCommands(t, u, srv.Stop, srv.Start, revoke)
+	// The prefix from the URL path is shown, and scopes ls: the root lists
+	// the prefix's services as none of its own.
+	code, out, errout := exec(t, "ls", u)
+	if code != exitOK || out != "" || !strings.Contains(errout, `rollcall ls: registry prefix "cli-test" (from the URL path`) {
+		t.Fatalf("ls %s: exit %d\nstdout:\n%s\nstderr:\n%s", u, code, out, errout)
+	}
+	reg := startCmd(t, "register", "etcd://"+srv.Endpoint()+"/greeter", "user.rpc", "127.0.0.1:7009")
+	reg.waitOut(t, "registered user.rpc/127.0.0.1:7009", 10*time.Second)
+	if !strings.Contains(reg.errout.String(), `rollcall register: registry prefix "greeter"`) {
+		t.Fatalf("register did not show its prefix:\n%s", reg.errout.String())
+	}
+	code, out, errout = exec(t, "ls", "etcd://"+srv.Endpoint()+"/greeter", "--json")
+	if code != exitOK || strings.Join(strings.Fields(out), "") != `[{"service":"user.rpc","instances":1}]` {
+		t.Fatalf("ls of the prefix greeter: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errout)
+	}
+	code, out, errout = exec(t, "ls", "etcd://"+srv.Endpoint())
+	if code != exitOK || out != "" || !strings.Contains(errout, "no services in") || strings.Contains(errout, "prefix") {
+		t.Fatalf("ls of the root: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errout)
+	}
+	if code := reg.interrupt(t); code != exitOK {
+		t.Fatalf("register after Ctrl-C: exit %d", code)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -85,11 +86,18 @@ func TestUsageErrorsAndHelp(t *testing.T) {
 		{[]string{"--help"}, exitOK, "Exit codes:"},
 		{[]string{"help"}, exitOK, "etcd://[USER:PASSWORD@]HOST:2379"},
 		{[]string{"-h"}, exitOK, "mem://NAME"},
-		{[]string{"ls", "--help"}, exitOK, "Usage: rollcall ls URL SERVICE"},
+		{[]string{"ls", "--help"}, exitOK, "Usage: rollcall ls URL [SERVICE]"},
 		{[]string{"register", "-h"}, exitOK, "-meta k=v"},
 		{[]string{"frobnicate"}, exitUsage, `unknown command "frobnicate"`},
-		{[]string{"ls", "mem://x"}, exitUsage, "want URL SERVICE, got 1 argument(s)"},
-		{[]string{"ls", "mem://x", "svc", "extra"}, exitUsage, "want URL SERVICE, got 3 argument(s)"},
+		{[]string{"watch", "mem://x"}, exitUsage, "want URL SERVICE, got 1 argument(s)"},
+		{[]string{"ls"}, exitUsage, "want URL [SERVICE], got 0 argument(s)"},
+		{[]string{"ls", "mem://x", "svc", "extra"}, exitUsage, "want URL [SERVICE], got 3 argument(s)"},
+		{[]string{"version", "extra"}, exitUsage, "want , got 1 argument(s)"},
+		{[]string{"version", "--help"}, exitOK, "Usage: rollcall version"},
+		// A URL without a scheme: a usage error that names the known schemes.
+		{[]string{"ls", "127.0.0.1:2379"}, exitUsage, "no scheme (want SCHEME://..., e.g. etcd://127.0.0.1:2379; known schemes: consul, etcd, k8s, mem, nacos, static)"},
+		{[]string{"watch", "localhost:2379/x", "svc"}, exitUsage, `"localhost:2379/x" is not a registry URL: it has no scheme`},
+		{[]string{"register", "root:s3cret@localhost:2379", "svc", "127.0.0.1:80"}, exitUsage, `"root:xxxxx@localhost:2379" is not a registry URL: it has no scheme`},
 		{[]string{"ls", "--bogus", "mem://x", "svc"}, exitUsage, "flag provided but not defined: -bogus"},
 		{[]string{"ls", "nosuch://x", "svc"}, exitUsage, `unknown scheme "nosuch" (forgotten import?); this build knows`},
 		{[]string{"ls", "no-scheme", "svc"}, exitUsage, "has no scheme"},
@@ -109,7 +117,8 @@ func TestUsageErrorsAndHelp(t *testing.T) {
 		if tc.code == exitOK {
 			where = out
 		}
-		if code != tc.code || !strings.Contains(where, tc.want) || strings.Contains(out+errout, "s3cret") {
+		// Errors go to stderr only.
+		if code != tc.code || !strings.Contains(where, tc.want) || strings.Contains(out+errout, "s3cret") || tc.code != exitOK && out != "" {
 			t.Errorf("rollcall %q: exit %d, want %d with %q\nstdout:\n%s\nstderr:\n%s", tc.args, code, tc.code, tc.want, out, errout)
 		}
 	}
@@ -133,6 +142,8 @@ func TestMemory(t *testing.T) {
 func testCommands(t *testing.T, u string, stop, start func(), revoke func()) {
 	watch := startCmd(t, "watch", u, "user.rpc")
 	watch.waitOut(t, "synced: 0 instance(s)", 10*time.Second)
+	jwatch := startCmd(t, "watch", "--json", u, "user.rpc")
+	jwatch.waitOut(t, `"synced":true`, 10*time.Second)
 
 	reg := startCmd(t, "register", u, "user.rpc", "127.0.0.1:7001", "--id", "a", "--meta", "zone=eu-1", "--meta", "version=1.2")
 	reg.waitOut(t, "registered user.rpc/a at 127.0.0.1:7001", 10*time.Second)
@@ -154,6 +165,46 @@ func testCommands(t *testing.T, u string, stop, start func(), revoke func()) {
 	if err := json.Unmarshal([]byte(out), &list); code != exitOK || err != nil || len(list) != 2 || list[0].ID != "127.0.0.1:7002" || list[1].Metadata["zone"] != "eu-1" {
 		t.Fatalf("ls --json: exit %d, %v, %+v\n%s", code, err, list, out)
 	}
+	// Without SERVICE: the services, with their counts.
+	other := startCmd(t, "register", u, "order.rpc", "127.0.0.1:7003")
+	other.waitOut(t, "registered order.rpc/127.0.0.1:7003", 10*time.Second)
+	code, out, errout = exec(t, "ls", u)
+	if words := strings.Join(strings.Fields(out), " "); code != exitOK || words != "SERVICE INSTANCES order.rpc 1 user.rpc 2" {
+		t.Fatalf("ls without SERVICE: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errout)
+	}
+	code, out, _ = exec(t, "ls", u, "--json")
+	var services []struct {
+		Service   string
+		Instances int
+	}
+	if err := json.Unmarshal([]byte(out), &services); code != exitOK || err != nil ||
+		fmt.Sprint(services) != "[{order.rpc 1} {user.rpc 2}]" {
+		t.Fatalf("ls --json without SERVICE: exit %d, %v, %+v\n%s", code, err, services, out)
+	}
+	if code := other.interrupt(t); code != exitOK {
+		t.Fatalf("register after Ctrl-C: exit %d", code)
+	}
+	// A service whose last instance is gone is no longer listed.
+	code, out, errout = exec(t, "ls", u)
+	if words := strings.Join(strings.Fields(out), " "); code != exitOK || words != "SERVICE INSTANCES user.rpc 2" {
+		t.Fatalf("ls without SERVICE after the deregistration: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errout)
+	}
+	// watch --json: a JSON object per line, which adds up to the list.
+	jwatch.waitOut(t, `"added":["a"]`, 10*time.Second)
+	jwatch.waitOut(t, `"added":["127.0.0.1:7002"]`, 10*time.Second)
+	var last jsonUpdate
+	for _, line := range strings.Split(strings.TrimSpace(jwatch.out.String()), "\n") {
+		if err := json.Unmarshal([]byte(line), &last); err != nil || last.Time.IsZero() {
+			t.Fatalf("watch --json printed %q: %v", line, err)
+		}
+	}
+	if len(last.Instances) != 2 || last.Instances[1].ID != "a" || last.Instances[1].Metadata["zone"] != "eu-1" || last.Stale || !last.Synced {
+		t.Fatalf("watch --json: last update %+v, want a and 127.0.0.1:7002", last)
+	}
+	if !strings.Contains(jwatch.errout.String(), "watching user.rpc") {
+		t.Fatalf("watch --json: no header on stderr:\n%s", jwatch.errout.String())
+	}
+
 	code, out, errout = exec(t, "ls", u, "nobody")
 	if code != exitOK || out != "" || !strings.Contains(errout, "no instances of nobody") {
 		t.Fatalf("ls of an empty service: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errout)
@@ -163,6 +214,7 @@ func testCommands(t *testing.T, u string, stop, start func(), revoke func()) {
 	// with exit code 1.
 	stop()
 	watch.waitOut(t, "STALE registry unreachable; keeping the last list of 2 instance(s)", 20*time.Second)
+	jwatch.waitOut(t, `"stale":true,"synced":true,"error":`, 20*time.Second)
 	code, _, errout = exec(t, "ls", "--timeout", "1s", u, "user.rpc")
 	if code != exitRegistry || !strings.Contains(errout, "rollcall ls:") {
 		t.Fatalf("ls with the registry down: exit %d, want %d\nstderr:\n%s", code, exitRegistry, errout)
@@ -187,12 +239,67 @@ func testCommands(t *testing.T, u string, stop, start func(), revoke func()) {
 	if code := reg2.interrupt(t); code != exitOK {
 		t.Fatalf("register after Ctrl-C: exit %d", code)
 	}
+	if code := jwatch.interrupt(t); code != exitOK {
+		t.Fatalf("watch --json after Ctrl-C: exit %d\nstderr:\n%s", code, jwatch.errout.String())
+	}
 	if code := watch.interrupt(t); code != exitOK {
 		t.Fatalf("watch after Ctrl-C: exit %d\nstderr:\n%s", code, watch.errout.String())
 	}
 }
 
 func startCmd(t *testing.T, args ...string) *runner { return start(t, args...) }
+
+// register --json prints a JSON object per state change; a mem:// URL
+// gets a warning that the registration lives only in this process.
+func TestRegisterJSON(t *testing.T) {
+	u, srv := memURL()
+	reg := startCmd(t, "register", "--json", u, "user.rpc", "127.0.0.1:7001", "--id", "a")
+	reg.waitOut(t, `"event":"registered"`, 10*time.Second)
+	if !strings.Contains(reg.errout.String(), "lives only in this process") {
+		t.Fatalf("register mem:// did not warn:\n%s", reg.errout.String())
+	}
+	srv.RevokeLeases()
+	reg.waitOut(t, `"event":"registered-again"`, 20*time.Second)
+	if code := reg.interrupt(t); code != exitOK {
+		t.Fatalf("register after Ctrl-C: exit %d\nstderr:\n%s", code, reg.errout.String())
+	}
+	var events []string
+	for _, line := range strings.Split(strings.TrimSpace(reg.out.String()), "\n") {
+		var ev jsonEvent
+		if err := json.Unmarshal([]byte(line), &ev); err != nil || ev.Service != "user.rpc" || ev.ID != "a" || ev.Addr != "127.0.0.1:7001" || ev.Registry != u || ev.Time.IsZero() {
+			t.Fatalf("register --json printed %q (%+v): %v", line, ev, err)
+		}
+		// A lost event carries the error when it is still known: a loss
+		// repaired between two looks at the status has none left.
+		events = append(events, ev.Event)
+	}
+	if got := strings.Join(events, " "); got != "registered lost registered-again deregistered" {
+		t.Fatalf("register --json events: %s\n%s", got, reg.out.String())
+	}
+}
+
+// ls without SERVICE on a backend that cannot list services says so.
+func TestLsServicesUnsupported(t *testing.T) {
+	code, out, errout := exec(t, "ls", "static://127.0.0.1:80")
+	if code != exitRegistry || out != "" || !strings.Contains(errout, "there is no list of services: unsupported operation") {
+		t.Fatalf("ls static:// without SERVICE: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errout)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	code, out, errout := exec(t, "version")
+	if code != exitOK || !strings.HasPrefix(out, "rollcall ") || !strings.Contains(out, runtime.Version()) || errout != "" {
+		t.Fatalf("version: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errout)
+	}
+	if v, _ := buildVersion(); v != "(devel)" || !strings.HasPrefix(out, "rollcall (devel) ") {
+		t.Errorf("a test binary is not stamped: version %q, want (devel)\n%s", v, out)
+	}
+	code, out, _ = exec(t, "version", "--json")
+	var v struct{ Version, Go string }
+	if err := json.Unmarshal([]byte(out), &v); code != exitOK || err != nil || v.Version != "(devel)" || v.Go != runtime.Version() {
+		t.Fatalf("version --json: exit %d, %v, %+v\n%s", code, err, v, out)
+	}
+}
 
 func TestUnreachableEtcd(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -209,7 +316,8 @@ func TestUnreachableEtcd(t *testing.T) {
 		code, _, errout := exec(t, args...)
 		// The cause, at once: not a wait for the timeout (issue: "rollcall ls
 		// says 'no answer within 5s' instead of 'connection refused'").
-		if code != exitRegistry || !strings.Contains(errout, "etcd://"+addr) || !strings.Contains(errout, "connection refused") {
+		// A registry error: no usage text, nor the hint to it.
+		if code != exitRegistry || !strings.Contains(errout, "etcd://"+addr) || !strings.Contains(errout, "connection refused") || strings.Contains(errout, "--help") {
 			t.Errorf("rollcall %q: exit %d, want %d\nstderr:\n%s", args, code, exitRegistry, errout)
 		}
 		if took := time.Since(start); took > 5*time.Second {

@@ -11,6 +11,7 @@
 // Optional capabilities are discovered by type assertion:
 //
 //   - Pinger: Ping(ctx) checks that the backend is reachable.
+//   - ServiceLister: Services(ctx) lists the services that have instances.
 package driver
 
 import (
@@ -142,6 +143,16 @@ func ChangeEvent(changes ...Change) Event { return Event{Changes: changes} }
 // reachable.
 type Pinger interface {
 	Ping(ctx context.Context) error
+}
+
+// ServiceLister is implemented by backends that can list the services of
+// their registry (in the backend's prefix or namespace), as `etcdctl get
+// --prefix`, `consul catalog services` or `kubectl get svc` do. Services
+// returns the service names, each once, in any order; a service whose
+// instances are all gone is left out where the backend can tell. Names that
+// are not valid rollcall service names are skipped by package registry.
+type ServiceLister interface {
+	Services(ctx context.Context) ([]string, error)
 }
 
 // DefaultTTL is the registration TTL used when none is given.
