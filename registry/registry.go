@@ -328,10 +328,9 @@ func (r *registry) Services(ctx context.Context) ([]string, error) {
 	if !ok {
 		return nil, opErr("services", "", fmt.Errorf("this backend cannot list services: %w", errors.ErrUnsupported))
 	}
-	cctx, stop := r.callCtx(ctx)
-	names, err := sl.Services(cctx)
-	err = r.callErr(ctx, cctx, err)
-	stop()
+	c := r.begin(ctx, "services")
+	names, err := sl.Services(c.ctx)
+	err = c.end(err)
 	if err != nil {
 		return nil, opErr("services", "", err)
 	}
