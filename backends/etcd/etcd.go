@@ -269,7 +269,7 @@ func newBackend(cli *clientv3.Client, dial func(context.Context) (*clientv3.Clie
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &backend{cli: cli, dial: dial, opts: o, log: o.Logger, ctx: ctx, cancel: cancel,
-		pubs: map[string]*publication{}, leases: map[clientv3.LeaseID]bool{}, takenBy: map[string]clientv3.LeaseID{}}
+		pubs: map[string]*publication{}, leases: map[clientv3.LeaseID]bool{}, fences: map[clientv3.LeaseID]int64{}, takenBy: map[string]clientv3.LeaseID{}}
 }
 
 type backend struct {
@@ -294,6 +294,7 @@ type backend struct {
 	sess    *session
 	pubs    map[string]*publication     // by key
 	leases  map[clientv3.LeaseID]bool   // every lease this backend was granted
+	fences  map[clientv3.LeaseID]int64  // the mod revision of each lease's fence key, once written (see put)
 	takenBy map[string]clientv3.LeaseID // key -> the other lease that overwrote this backend's publication of it
 
 	moveHook func(key string) // tests: called before a key is moved to a new lease

@@ -1,6 +1,8 @@
 package etcd
 
 import (
+	"context"
+
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/rollcall-go/rollcall/registry/driver"
@@ -31,3 +33,24 @@ func Rotate(b driver.Backend) {
 // SetMoveHook has f called with each key rotate is about to move, before
 // its transaction is sent.
 func SetMoveHook(b driver.Backend, f func(key string)) { b.(*backend).moveHook = f }
+
+// StalePut returns a function that sends the transaction a Publish of inst
+// would send now, on the current session's lease: called later, it is a try
+// of that Publish that a frozen member applies when it thaws. It reports
+// whether the transaction succeeded.
+func StalePut(b driver.Backend, inst driver.Instance) func() (bool, error) {
+	be := b.(*backend)
+	be.mu.Lock()
+	lease := be.sess.id
+	fence := be.fences[lease]
+	be.mu.Unlock()
+	val, _ := encode(inst)
+	key := be.key(inst)
+	return func() (bool, error) {
+		resp, err := be.putTxn(context.Background(), key, val, lease, clientv3.Compare(clientv3.CreateRevision(key), "=", 0), fence)
+		if err != nil {
+			return false, err
+		}
+		return resp.Succeeded, nil
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -816,17 +817,45 @@ func (b *backend) takeLocked(p *publication) (old, ns *session, from int64) {
 	return old, ns, from
 }
 
+// fenceKey is the fence key of lease (see put): outside every service
+// directory, and written with the lease, so it goes with it.
+func (b *backend) fenceKey(lease clientv3.LeaseID) string {
+	return b.opts.Prefix + ".fence/" + strconv.FormatInt(int64(lease), 16)
+}
+
+// putTxn is the transaction of put: write key with lease if cmp holds and
+// the lease's fence key is at revision fence.
+func (b *backend) putTxn(ctx context.Context, key, val string, lease clientv3.LeaseID, cmp clientv3.Cmp, fence int64) (*clientv3.TxnResponse, error) {
+	fk := b.fenceKey(lease)
+	return b.cli.Txn(ctx).If(cmp, clientv3.Compare(clientv3.ModRevision(fk), "=", fence)).
+		Then(clientv3.OpPut(key, val, clientv3.WithLease(lease))).
+		Else(clientv3.OpGet(key), clientv3.OpGet(fk, clientv3.WithKeysOnly())).
+		Commit()
+}
+
 // put writes p's key with p's lease, in a transaction that succeeds only
 // if the key is absent or this backend may take it over (mayTake), and
 // returns the revision of the write.
+//
+// A try of the transaction that ran out of its deadline on a frozen member
+// is made again on the next (shortTries), and the first may still apply
+// when that member thaws: after a Withdraw it would write the key again,
+// for every watcher to see until a guard sweeps it (a CI run: a
+// deregistered instance came back at the thaw). An absent key cannot tell
+// that it was deleted since, so the transaction also compares the lease's
+// fence key, which every Withdraw writes in the transaction that deletes
+// the key (unput): a try sent before a withdrawal fails after it. A put
+// that finds the fence moved (another withdrawal by this backend) reads
+// its revision and is sent again.
 func (b *backend) put(ctx context.Context, p *publication, val, addr string) (int64, error) {
 	cmp := clientv3.Compare(clientv3.CreateRevision(p.key), "=", 0)
 	ctx = retried(clientv3.WithRequireLeader(ctx))
-	for range 5 {
-		resp, err := b.cli.Txn(ctx).If(cmp).
-			Then(clientv3.OpPut(p.key, val, clientv3.WithLease(p.sess.id))).
-			Else(clientv3.OpGet(p.key)).
-			Commit()
+	b.mu.Lock()
+	lease := p.sess.id
+	fence := b.fences[lease]
+	b.mu.Unlock()
+	for tries, fenced := 0, 0; tries < 5 && fenced < maxFenced; {
+		resp, err := b.putTxn(ctx, p.key, val, lease, cmp, fence)
 		if err != nil {
 			return 0, err
 		}
@@ -834,6 +863,17 @@ func (b *backend) put(ctx context.Context, p *publication, val, addr string) (in
 			b.sawTerm(resp.Header.RaftTerm)
 			return resp.Header.Revision, nil
 		}
+		var cur int64
+		if fkvs := resp.Responses[1].GetResponseRange().GetKvs(); len(fkvs) > 0 {
+			cur = fkvs[0].ModRevision
+		}
+		if cur != fence {
+			fence = cur
+			b.fenced(lease, cur)
+			fenced++
+			continue
+		}
+		tries++
 		kvs := resp.Responses[0].GetResponseRange().GetKvs()
 		if len(kvs) == 0 { // deleted since
 			cmp = clientv3.Compare(clientv3.CreateRevision(p.key), "=", 0)
@@ -845,6 +885,17 @@ func (b *backend) put(ctx context.Context, p *publication, val, addr string) (in
 		cmp = clientv3.Compare(clientv3.ModRevision(p.key), "=", kvs[0].ModRevision)
 	}
 	return 0, fmt.Errorf("etcd: %s changed under every attempt to write it", p.key)
+}
+
+// maxFenced bounds how many times one put is sent again because withdrawals
+// by this backend moved the fence meanwhile.
+const maxFenced = 100
+
+// fenced records that lease's fence key is at revision rev.
+func (b *backend) fenced(lease clientv3.LeaseID, rev int64) {
+	b.mu.Lock()
+	b.fences[lease] = max(b.fences[lease], rev)
+	b.mu.Unlock()
 }
 
 // mayTake reports, with an error wrapping registry.ErrConflict, whether the
@@ -955,7 +1006,7 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	b := p.b
 	ss, last := b.forget(p)
 	p.Lose(errWithdrawn)
-	if err := b.unput(ctx, p.key, ss.id); err != nil {
+	if err := b.unput(ctx, p.key, ss); err != nil {
 		return classify(err)
 	}
 	if last {
@@ -964,23 +1015,31 @@ func (p *publication) Withdraw(ctx context.Context) error {
 	return nil
 }
 
-// unput deletes key if it carries lease, or another lease of this backend
-// while no publication holds the key: rotate may be moving it between the
-// backend's leases (the move's transaction then finds it gone). A key
-// another registrar wrote, or that a newer publication holds, is left.
-func (b *backend) unput(ctx context.Context, key string, lease clientv3.LeaseID) error {
+// unput deletes key if it carries ss's lease, or another lease of this
+// backend while no publication holds the key: rotate may be moving it
+// between the backend's leases (the move's transaction then finds it gone).
+// A key another registrar wrote, or that a newer publication holds, is
+// left. The delete writes the fence key of the lease the key carries, in
+// the same transaction, so that no put of it sent before applies after
+// (see put).
+func (b *backend) unput(ctx context.Context, key string, ss *session) error {
+	lease := ss.id
 	cmp := clientv3.Compare(clientv3.LeaseValue(key), "=", lease)
 	for range 5 {
 		resp, err := b.cli.Txn(retried(clientv3.WithRequireLeader(ctx))).
 			If(cmp).
-			Then(clientv3.OpDelete(key)).
+			Then(clientv3.OpDelete(key), clientv3.OpPut(b.fenceKey(lease), "", clientv3.WithLease(lease))).
 			Else(clientv3.OpGet(key, clientv3.WithKeysOnly())).
 			Commit()
 		if err != nil {
 			return err
 		}
+		if resp.Succeeded {
+			b.fenced(lease, resp.Header.Revision)
+			return nil
+		}
 		kvs := resp.Responses[0].GetResponseRange().GetKvs()
-		if resp.Succeeded || len(kvs) == 0 {
+		if len(kvs) == 0 {
 			return nil
 		}
 		b.mu.Lock()
@@ -989,6 +1048,7 @@ func (b *backend) unput(ctx context.Context, key string, lease clientv3.LeaseID)
 		if !ours {
 			return nil
 		}
+		lease = clientv3.LeaseID(kvs[0].Lease)
 		cmp = clientv3.Compare(clientv3.ModRevision(key), "=", kvs[0].ModRevision)
 	}
 	return fmt.Errorf("etcd: %s changed under every attempt to delete it", key)

@@ -170,3 +170,49 @@ func TestWithdrawDuringAMoveLeavesNoKey(t *testing.T) {
 		t.Errorf("after the move %s is in etcd again (lease %x)", keyX, resp.Kvs[0].Lease)
 	}
 }
+
+// TestPutSentBeforeAWithdrawDoesNotApplyAfter: a try of a Publish that a
+// frozen member holds, applied when it thaws after the instance was
+// deregistered, must not write the key again (a CI run of
+// ClusterWatchFollowsChangesWhileAMemberIsFrozen: x2, deregistered, came
+// back at the thaw of the member its first try had gone to). Before the
+// fence, the late transaction succeeded and the key was back.
+func TestPutSentBeforeAWithdrawDoesNotApplyAfter(t *testing.T) {
+	srv := testserver.StartEtcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := newClient(t, srv.Endpoint())
+	defer admin.Close()
+	cli := newClient(t, srv.Endpoint())
+	defer cli.Close()
+	b := etcd.NewBackend(cli, &etcd.Options{TTL: 5 * time.Second})
+	defer b.Close()
+	keep := driver.Instance{Service: "late", ID: "keep", Addr: "127.0.0.1:9000"}
+	if _, err := b.Publish(ctx, keep); err != nil { // holds the lease
+		t.Fatal(err)
+	}
+	inst := driver.Instance{Service: "late", ID: "x", Addr: "127.0.0.1:9001"}
+	late := etcd.StalePut(b, inst)
+	p, err := b.Publish(ctx, inst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Withdraw(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ok, err := late()
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := admin.Get(ctx, etcd.DefaultPrefix+"late/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok || resp.Count != 0 {
+		t.Fatalf("a put sent before the Withdraw applied after it: succeeded=%v, key present=%v", ok, resp.Count != 0)
+	}
+	// A Publish after the withdrawal still writes it.
+	if _, err := b.Publish(ctx, inst); err != nil {
+		t.Fatalf("Publish after the withdrawal: %v", err)
+	}
+}
