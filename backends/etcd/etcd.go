@@ -406,7 +406,7 @@ func (b *backend) Services(ctx context.Context) ([]string, error) {
 	var out []string
 	for _, kv := range resp.Kvs {
 		svc, id, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), b.opts.Prefix), "/")
-		if ok && svc != "" && id != "" && !strings.Contains(id, "/") && (len(out) == 0 || out[len(out)-1] != svc) {
+		if ok && svc != "" && svc != fenceDir && id != "" && !strings.Contains(id, "/") && (len(out) == 0 || out[len(out)-1] != svc) {
 			out = append(out, svc)
 		}
 	}

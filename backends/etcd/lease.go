@@ -817,10 +817,14 @@ func (b *backend) takeLocked(p *publication) (old, ns *session, from int64) {
 	return old, ns, from
 }
 
+// fenceDir holds the fence keys, under the prefix: never a service
+// directory (a service name cannot start with a dot).
+const fenceDir = ".fence"
+
 // fenceKey is the fence key of lease (see put): outside every service
 // directory, and written with the lease, so it goes with it.
 func (b *backend) fenceKey(lease clientv3.LeaseID) string {
-	return b.opts.Prefix + ".fence/" + strconv.FormatInt(int64(lease), 16)
+	return b.opts.Prefix + fenceDir + "/" + strconv.FormatInt(int64(lease), 16)
 }
 
 // putTxn is the transaction of put: write key with lease if cmp holds and
