@@ -1,6 +1,7 @@
 package registry_test
 
 import (
+	"errors"
 	"slices"
 	"testing"
 	"time"
@@ -91,5 +92,47 @@ func TestWatchersOfAServiceShareOneBackendWatch(t *testing.T) {
 	defer again.Close()
 	if got := nextIDs(t, again); !slices.Equal(got, []string{"b"}) {
 		t.Fatalf("a Watcher after all closed: %v, want [b]", got)
+	}
+}
+
+// StaleChanged and Stale follow the registry without Next being called: the
+// channel closes when the server is paused, and again once the watcher is
+// fresh after it resumes.
+func TestStaleChangedWithoutNext(t *testing.T) {
+	srv, r := pausedRegistry(t, 200*time.Millisecond)
+	if _, err := r.Register(testCtx(t), registry.Instance{Service: "s", ID: "a", Addr: "127.0.0.1:1"}); err != nil {
+		t.Fatal(err)
+	}
+	w, err := r.Watch(testCtx(t), "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if got := nextIDs(t, w); !slices.Equal(got, []string{"a"}) {
+		t.Fatalf("first list %v", got)
+	}
+	if stale, err := w.Stale(); stale || err != nil {
+		t.Fatalf("Stale() = %v, %v on a healthy server", stale, err)
+	}
+	ch := w.StaleChanged()
+	srv.Pause()
+	select {
+	case <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatal("StaleChanged not closed within 10s of the pause")
+	}
+	stale, err := w.Stale()
+	if !stale || !errors.Is(err, registry.ErrUnavailable) {
+		t.Fatalf("Stale() = %v, %v while paused, want true, ErrUnavailable", stale, err)
+	}
+	ch = w.StaleChanged()
+	srv.Resume()
+	select {
+	case <-ch:
+	case <-time.After(20 * time.Second):
+		t.Fatal("StaleChanged not closed within 20s of the resume")
+	}
+	if stale, err := w.Stale(); stale || err != nil {
+		t.Fatalf("Stale() = %v, %v after the resume", stale, err)
 	}
 }

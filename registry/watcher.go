@@ -68,6 +68,8 @@ type feed struct {
 	snapAt   time.Time     // when the snapshot known holds was written; zero once the registry answered
 	snapWake chan struct{} // capacity 1: the snapshot loop has something to look at; nil without snapshots
 	snap     *heldSnapshot // read at the start, until served or the registry's list arrives
+	staleCh  chan struct{} // closed and replaced when stale changes (StaleChanged)
+	wasStale bool          // stale when staleCh was made
 }
 
 type change struct {
@@ -151,7 +153,7 @@ func sortByID(s []Instance) {
 func newFeed(r *registry, service string) *feed {
 	ctx, cancel := context.WithCancel(r.ctx)
 	f := &feed{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}),
-		subs: map[*Watcher]struct{}{}, known: map[string]Instance{}, pre: map[string]bool{}, held: map[string]bool{}}
+		subs: map[*Watcher]struct{}{}, known: map[string]Instance{}, pre: map[string]bool{}, held: map[string]bool{}, staleCh: make(chan struct{})}
 	if r.opts.Snapshot.Dir != "" {
 		f.snapWake = make(chan struct{}, 1)
 		if list, written, ok := r.loadSnapshot(service); ok {
@@ -217,6 +219,25 @@ func (w *Watcher) Close() error {
 		}
 	})
 	return nil
+}
+
+// StaleChanged returns a channel that is closed when the watcher next turns
+// stale or fresh again (see Stale); call it again after that. It follows the
+// registry whether or not Next is being called, and never holds the watch
+// up: for health endpoints and alerts.
+func (w *Watcher) StaleChanged() <-chan struct{} {
+	w.f.mu.Lock()
+	defer w.f.mu.Unlock()
+	return w.f.staleCh
+}
+
+// Stale reports whether the watcher is stale now (the registry cannot be
+// reached, or it is resynchronising after an outage), and why. It is the
+// state of the watch, which the next update delivers.
+func (w *Watcher) Stale() (bool, error) {
+	w.f.mu.Lock()
+	defer w.f.mu.Unlock()
+	return w.f.stale, w.f.err
 }
 
 // Done is closed when the watcher has stopped (Close, the context given to
@@ -285,8 +306,15 @@ func (f *feed) wake() {
 	f.wakeLocked()
 }
 
-// wakeLocked tells every Watcher's Next to look; it never blocks.
+// wakeLocked tells every Watcher's Next to look, and StaleChanged's
+// channel whether stale changed; it never blocks. Every change of the
+// feed's state ends with it.
 func (f *feed) wakeLocked() {
+	if f.stale != f.wasStale {
+		f.wasStale = f.stale
+		close(f.staleCh)
+		f.staleCh = make(chan struct{})
+	}
 	for w := range f.subs {
 		w.wake()
 	}
