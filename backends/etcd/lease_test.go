@@ -115,15 +115,7 @@ func TestUserPassword(t *testing.T) {
 // CI run of the cluster properties: a deregistration that never reached
 // the watcher while a member was frozen.)
 func TestWithdrawDuringAMoveLeavesNoKey(t *testing.T) {
-	srv := testserver.StartEtcd(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	admin := newClient(t, srv.Endpoint())
-	defer admin.Close()
-	cli := newClient(t, srv.Endpoint())
-	defer cli.Close()
-	b := etcd.NewBackend(cli, &etcd.Options{TTL: 5 * time.Second})
-	defer b.Close()
+	ctx, admin, b := backendOnEtcd(t)
 	x, err := b.Publish(ctx, driver.Instance{Service: "mv", ID: "x", Addr: "127.0.0.1:1"})
 	if err != nil {
 		t.Fatal(err)
@@ -178,15 +170,7 @@ func TestWithdrawDuringAMoveLeavesNoKey(t *testing.T) {
 // back at the thaw of the member its first try had gone to). Before the
 // fence, the late transaction succeeded and the key was back.
 func TestPutSentBeforeAWithdrawDoesNotApplyAfter(t *testing.T) {
-	srv := testserver.StartEtcd(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	admin := newClient(t, srv.Endpoint())
-	defer admin.Close()
-	cli := newClient(t, srv.Endpoint())
-	defer cli.Close()
-	b := etcd.NewBackend(cli, &etcd.Options{TTL: 5 * time.Second})
-	defer b.Close()
+	ctx, admin, b := backendOnEtcd(t)
 	keep := driver.Instance{Service: "late", ID: "keep", Addr: "127.0.0.1:9000"}
 	if _, err := b.Publish(ctx, keep); err != nil { // holds the lease
 		t.Fatal(err)
@@ -215,4 +199,21 @@ func TestPutSentBeforeAWithdrawDoesNotApplyAfter(t *testing.T) {
 	if _, err := b.Publish(ctx, inst); err != nil {
 		t.Fatalf("Publish after the withdrawal: %v", err)
 	}
+}
+
+// backendOnEtcd starts an etcd and returns a minute's context, an admin
+// client, and a backend (TTL 5s) over a client of its own, all closed at the
+// end of the test.
+func backendOnEtcd(t *testing.T) (context.Context, *clientv3.Client, driver.Backend) {
+	t.Helper()
+	srv := testserver.StartEtcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	admin := newClient(t, srv.Endpoint())
+	t.Cleanup(func() { admin.Close() })
+	cli := newClient(t, srv.Endpoint())
+	t.Cleanup(func() { cli.Close() })
+	b := etcd.NewBackend(cli, &etcd.Options{TTL: 5 * time.Second})
+	t.Cleanup(func() { b.Close() })
+	return ctx, admin, b
 }
