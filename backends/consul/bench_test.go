@@ -3,8 +3,10 @@ package consul_test
 import (
 	"context"
 	"fmt"
+	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -287,4 +289,95 @@ func BenchmarkIdleRequests(b *testing.B) {
 	b.ReportMetric(raws/n, "raw-watch-req/min")
 	b.ReportMetric(rr/n, "registrar100-req/min")
 	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkFanoutRequests: 100 consumers of one service in one process
+// (100 gRPC ClientConns) while one instance changes every second, over 20s
+// per iteration (run it with -benchtime 1x): the HTTP requests and new TCP
+// connections to the agent per minute. rollcall's 100 Watchers of one
+// Registry share one blocking query; the raw column runs 100 blocking
+// query loops on one client (what each ClientConn watching on its own
+// costs).
+func BenchmarkFanoutRequests(b *testing.B) {
+	srv := testserver.StartConsulServer(b)
+	const consumers, window = 100, 20 * time.Second
+	for _, who := range []string{"rollcall", "raw"} {
+		b.Run(who, func(b *testing.B) {
+			svc := "fan-" + who
+			tr := newCutTransport()
+			var dials atomic.Int64
+			dial := tr.base.DialContext
+			tr.base.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				dials.Add(1)
+				return dial(ctx, network, addr)
+			}
+			reg := consul.New(newClient(b, srv.Addr(), newCutTransport()), &consul.Options{Logger: testLogger()})
+			defer reg.Close()
+			var regs []*registry.Registration
+			for i := range 10 {
+				r, err := reg.Register(context.Background(), registry.Instance{Service: svc, ID: fmt.Sprintf("i%02d", i), Addr: fmt.Sprintf("127.0.0.1:%d", 20000+i)})
+				if err != nil {
+					b.Fatal(err)
+				}
+				regs = append(regs, r)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			var wg sync.WaitGroup
+			defer wg.Wait()
+			defer cancel()
+			var rawCount int64
+			var rawMu sync.Mutex
+			switch who {
+			case "rollcall":
+				r := consul.New(newClient(b, srv.Addr(), tr), &consul.Options{Logger: testLogger()})
+				defer r.Close()
+				for range consumers {
+					w, err := r.Watch(ctx, svc)
+					if err != nil {
+						b.Fatal(err)
+					}
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						defer w.Close()
+						for {
+							if _, err := w.Next(ctx); err != nil {
+								return
+							}
+						}
+					}()
+				}
+			case "raw":
+				cli := newClient(b, srv.Addr(), tr)
+				for range consumers {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						rawWatch(ctx, cli, svc, consul.DefaultWaitTime, newSightings(), &rawCount, &rawMu)
+					}()
+				}
+			}
+			var reqs, conns float64
+			round := 0
+			b.ResetTimer()
+			for range b.N {
+				r0, d0 := tr.count.Load(), dials.Load()
+				end := time.Now().Add(window)
+				for tick := time.NewTicker(time.Second); time.Now().Before(end); <-tick.C { // the workload's rate: one change a second
+					round++
+					in := registry.Instance{Service: svc, ID: "i00", Addr: "127.0.0.1:20000", Metadata: map[string]string{"round": fmt.Sprint(round)}}
+					if err := regs[0].Update(ctx, in); err != nil {
+						b.Fatal(err)
+					}
+				}
+				reqs += float64(tr.count.Load() - r0)
+				conns += float64(dials.Load() - d0)
+			}
+			b.StopTimer()
+			perMin := float64(time.Minute) / float64(window) / float64(b.N)
+			b.ReportMetric(reqs*perMin, "agent-req/min")
+			b.ReportMetric(conns*perMin, "new-conns/min")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
 }

@@ -14,7 +14,13 @@ import (
 )
 
 // serverWatchers reads etcd's count of watchers from its /metrics.
-func serverWatchers(t *testing.T, ep string) int {
+func serverWatchers(t testing.TB, ep string) int {
+	t.Helper()
+	return int(serverMetric(t, ep, "etcd_debugging_mvcc_watcher_total"))
+}
+
+// serverMetric reads one unlabelled metric from etcd's /metrics.
+func serverMetric(t testing.TB, ep, name string) float64 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -29,15 +35,15 @@ func serverWatchers(t *testing.T, ep string) int {
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "etcd_debugging_mvcc_watcher_total "); ok {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
 			n, err := strconv.ParseFloat(v, 64)
 			if err != nil {
-				t.Fatalf("etcd_debugging_mvcc_watcher_total %q", v)
+				t.Fatalf("%s %q", name, v)
 			}
-			return int(n)
+			return n
 		}
 	}
-	t.Fatalf("no etcd_debugging_mvcc_watcher_total in %s/metrics (%v)", ep, sc.Err())
+	t.Fatalf("no %s in %s/metrics (%v)", name, ep, sc.Err())
 	return 0
 }
 
