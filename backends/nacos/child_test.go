@@ -82,7 +82,87 @@ func runWithoutRace(t *testing.T, pattern string) bool {
 	}
 	t.Logf("ran %s in a child process built without -race (nacos-sdk-go races on reconnect), %v:\n%s",
 		pattern, time.Since(start).Round(time.Millisecond), strings.Join(summary, "\n"))
+	raceCheck(t, pattern)
 	return true
+}
+
+// raceCheck runs the tests matching pattern once more, in this binary (built
+// with -race) as a child whose faults make the SDK reconnect, and fails t on
+// every data race report in which one of the two accesses is made by
+// rollcall's code (this package, the shared layer, the tests). The SDK's own
+// races, whose accesses are both in its code, are counted and ignored, and
+// so are the child's verdicts (the race detector fails every test that is
+// running when the SDK races): the verdicts are the child's built without
+// -race. So rollcall's code on the reconnect path runs under the race
+// detector too.
+func raceCheck(t *testing.T, pattern string) {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	start := time.Now()
+	cmd := exec.Command(exe, "-test.run", pattern, "-test.count=1", "-test.timeout=10m")
+	cmd.Env = append(os.Environ(), childEnv+"=1", "GORACE=halt_on_error=0 log_path="+filepath.Join(dir, "race"))
+	out, runErr := cmd.CombinedOutput()
+	if !strings.Contains(string(out), "ok") && !strings.Contains(string(out), "--- FAIL") {
+		t.Fatalf("the race check of %s ran no test: %v\n%s", pattern, runErr, out)
+	}
+	files, err := filepath.Glob(filepath.Join(dir, "race.*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ours []string
+	sdk := 0
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, rep := range strings.Split(string(b), "==================\n") {
+			if !strings.Contains(rep, "WARNING: DATA RACE") {
+				continue
+			}
+			if racesInOurCode(rep) {
+				ours = append(ours, rep)
+			} else {
+				sdk++
+			}
+		}
+	}
+	if len(ours) > 0 {
+		t.Fatalf("the race detector found %d data races in rollcall's code on the reconnect path (%s):\n%s", len(ours), pattern, strings.Join(ours, "==================\n"))
+	}
+	t.Logf("race check of %s (built with -race, %v): no data race in rollcall's code; %d race reports within nacos-sdk-go's own code ignored",
+		pattern, time.Since(start).Round(time.Millisecond), sdk)
+}
+
+// racesInOurCode reports whether one of the accesses of a race report is
+// made by rollcall's code: the first frame of its stack outside the
+// standard library (whose package paths have no dot in their first
+// element) is in this module.
+func racesInOurCode(rep string) bool {
+	lines := strings.Split(rep, "\n")
+	for i := 0; i < len(lines); i++ {
+		l := lines[i]
+		if !strings.Contains(l, " at 0x") || !strings.Contains(l, " by ") {
+			continue
+		}
+		// The access's frames: a function line, then its file line.
+		for i++; i < len(lines) && strings.HasPrefix(lines[i], "  "); i += 2 {
+			fn := strings.TrimSpace(lines[i])
+			first, _, slash := strings.Cut(fn, "/")
+			if !slash || !strings.Contains(first, ".") {
+				continue // the standard library (runtime.mapaccess1, internal/..., net/http...)
+			}
+			if strings.HasPrefix(fn, "github.com/rollcall-go/rollcall/") {
+				return true
+			}
+			break
+		}
+	}
+	return false
 }
 
 func buildNoRaceBinary() {
@@ -136,4 +216,37 @@ func TestConformanceWithoutRace(t *testing.T) {
 		t.Skip("not under -race: TestConformance runs every property itself")
 	}
 	runWithoutRace(t, "^TestConformance$/^("+strings.Join(reconnectingProperties, "|")+")$")
+}
+
+// The race check tells the SDK's own races from races in rollcall's code by
+// the first frame outside the standard library of each access.
+func TestRaceCheckTellsOurRacesFromTheSDKs(t *testing.T) {
+	sdkOnly := `WARNING: DATA RACE
+Write at 0x00c0003a8d20 by goroutine 88:
+  github.com/nacos-group/nacos-sdk-go/v2/common/remote/rpc.(*RpcClient).reconnect()
+      /go/pkg/mod/github.com/nacos-group/nacos-sdk-go/v2@v2.3.5/common/remote/rpc/rpc_client.go:449 +0x6a4
+
+Previous read at 0x00c0003a8d20 by goroutine 87:
+  github.com/nacos-group/nacos-sdk-go/v2/common/remote/rpc.(*RpcClient).notifyConnectionChange()
+      /go/pkg/mod/github.com/nacos-group/nacos-sdk-go/v2@v2.3.5/common/remote/rpc/rpc_client.go:487 +0x84
+  github.com/rollcall-go/rollcall/backends/nacos.(*watch).run()
+      /work/backends/nacos/watch.go:10 +0x1
+`
+	ours := `WARNING: DATA RACE
+Read at 0x00c0001b2f48 by goroutine 40:
+  runtime.mapaccess1_faststr()
+      /usr/local/go/src/internal/runtime/maps/runtime_faststr.go:101 +0x0
+  github.com/rollcall-go/rollcall/backends/nacos.(*backend).onPush()
+      /work/backends/nacos/watch.go:120 +0x1
+
+Previous write at 0x00c0001b2f48 by goroutine 41:
+  github.com/nacos-group/nacos-sdk-go/v2/clients/naming_client.(*NamingClient).Subscribe()
+      /go/pkg/mod/github.com/nacos-group/nacos-sdk-go/v2@v2.3.5/clients/naming_client/naming_client.go:300 +0x1
+`
+	if racesInOurCode(sdkOnly) {
+		t.Error("a race between two accesses in the SDK's code was blamed on rollcall")
+	}
+	if !racesInOurCode(ours) {
+		t.Error("a race with an access in rollcall's code (under a map access) was not found")
+	}
 }

@@ -40,6 +40,13 @@ type ClientOptions struct {
 	// the last NewClient or New with a Logger wins); slog.Default() at the
 	// time of each line when nil.
 	Logger *slog.Logger
+	// KeepSDKLogger leaves the SDK's process-wide logger as it is: for an
+	// application that configures nacos-sdk-go's logger itself (its config
+	// client, say). Without it, the first NewClient (or New with a Logger)
+	// of the process installs SDKLogger over whatever was set. With it, the
+	// SDK logs where it was told to, or, if nothing was set, to files in
+	// CacheDir's log directory, and passwords are not scrubbed from them.
+	KeepSDKLogger bool
 }
 
 // Client is an SDK naming client made by NewClient. It is safe for concurrent
@@ -59,8 +66,8 @@ var sdkMu sync.Mutex
 // NewClient creates an SDK naming client with the settings this package relies
 // on: ephemeral-instance friendly timeouts, NotLoadCacheAtStart,
 // UpdateCacheWhenEmpty, cache and log directories under the user cache
-// directory, and the SDK's logs routed to slog. Like the SDK, it connects
-// before it returns (it tries each server for a few seconds, then keeps
+// directory, and the SDK's logs routed to slog (unless KeepSDKLogger). Like
+// the SDK, it connects before it returns (it tries each server for a few seconds, then keeps
 // reconnecting in the background); it fails only on bad options.
 func NewClient(opts ClientOptions) (*Client, error) {
 	if len(opts.Servers) == 0 {
@@ -103,7 +110,9 @@ func NewClient(opts ClientOptions) (*Client, error) {
 	// The SDK creates the directory on its first write, racing with itself
 	// when two of its goroutines write at once.
 	_ = os.MkdirAll(filepath.Join(cc.CacheDir, "naming", ns), 0o755)
-	routeSDKLogs(opts.Logger)
+	if !opts.KeepSDKLogger {
+		routeSDKLogs(opts.Logger)
+	}
 	addSecret(opts.Password)
 
 	sdkMu.Lock()

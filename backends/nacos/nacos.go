@@ -115,10 +115,16 @@
 //
 // NewClient (and so Open) sets NotLoadCacheAtStart and UpdateCacheWhenEmpty,
 // and puts the SDK's cache and log directories under
-// os.UserCacheDir()/rollcall/nacos (never the working directory). The SDK's
-// logger is process-wide: NewClient, and New with Options.Logger set, route it
-// to slog through SDKLogger (SDK info and debug lines at Debug, warnings at
-// Info, errors at Warn), the last such Logger winning.
+// os.UserCacheDir()/rollcall/nacos (never the working directory).
+//
+// The SDK's logger is process-wide, and this package replaces it: the first
+// NewClient of the process, or New with Options.Logger set, installs
+// SDKLogger (SDK info and debug lines at slog Debug, warnings at Info,
+// errors at Warn, passwords scrubbed), which writes to the Logger of the
+// last such call. It is installed once: a logger the application sets after
+// that stays. An application that configures nacos-sdk-go's logger itself
+// sets KeepSDKLogger (ClientOptions and Options), and its logger is left
+// alone.
 package nacos
 
 import (
@@ -166,8 +172,12 @@ type Options struct {
 	// reported lost (see the package doc); driver.DefaultTTL when zero.
 	TTL time.Duration
 	// Logger receives the backend's log lines; slog.Default() when nil. When
-	// set, New also routes the SDK's (process-wide) logger to it.
+	// set, New also routes the SDK's (process-wide) logger to it, unless
+	// KeepSDKLogger.
 	Logger *slog.Logger
+	// KeepSDKLogger leaves the SDK's process-wide logger as the
+	// application set it (see ClientOptions.KeepSDKLogger).
+	KeepSDKLogger bool
 	// Registry configures the shared layer. Its Logger defaults to Logger.
 	Registry registry.Options
 }
@@ -311,7 +321,7 @@ func New(cli naming_client.INamingClient, opts *Options) (registry.Registry, err
 	if err := checkCluster(o.Cluster); err != nil {
 		return nil, fmt.Errorf("nacos: %w", err)
 	}
-	if o.Logger != nil {
+	if o.Logger != nil && !o.KeepSDKLogger {
 		routeSDKLogs(o.Logger)
 	}
 	ns := ""
