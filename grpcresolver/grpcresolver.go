@@ -11,7 +11,8 @@
 //	conn, err := grpc.NewClient("etcd://127.0.0.1:2379/user.rpc",
 //		grpc.WithTransportCredentials(insecure.NewCredentials()))
 //
-// balances the calls round robin over the live instances of user.rpc.
+// balances the calls round robin over the live instances of user.rpc (see
+// Load balancing policies for weights and zones).
 //
 // # Target form
 //
@@ -54,8 +55,11 @@
 // (and the same addresses in State.Addresses for older balancers), sorted by
 // instance ID. Instances that share an address are merged into one endpoint
 // (the one with the smallest ID wins). Each Endpoint carries its
-// registry.Instance as an attribute (see InstanceFromEndpoint); attributes of
-// an unchanged instance compare equal, and an update that changes nothing is
+// registry.Instance as an attribute (see InstanceFromEndpoint) and its
+// weight (registry.MetaWeight, 1 when unset) in gRPC's endpoint weight
+// attribute (google.golang.org/grpc/experimental/balancer/weight), which
+// gRPC's ring_hash and this package's policies read; attributes of an
+// unchanged instance compare equal, and an update that changes nothing is
 // not pushed, so no-op registry events cause no connection churn.
 //
 // The state carries a default service config selecting round_robin, unless
@@ -63,6 +67,40 @@
 // grpc.WithDisableServiceConfig. Note that a service config from the resolver
 // takes precedence over grpc.WithDefaultServiceConfig: to choose another
 // policy, use NewBuilder with WithServiceConfig.
+//
+// # Load balancing policies
+//
+// The package also registers two load balancing policies with gRPC, for a
+// service config (WithServiceConfig, or any service config gRPC reads):
+//
+//	{"loadBalancingConfig":[{"rollcall_weighted_round_robin":{}}]}
+//	{"loadBalancingConfig":[{"rollcall_zone_preference":{"zone":"eu-1a","minLocalReady":2}}]}
+//
+// WeightedRoundRobin balances calls over the ready endpoints in proportion
+// to their weights, smoothly (weights 1:3 give B B A B, B B A B, ...: no
+// endpoint gets its share in bursts). ZonePreference sends every call to the
+// ready endpoints whose registry.MetaZone is the configured zone while at
+// least minLocalReady (default 1) of them are ready, and to every ready
+// endpoint otherwise; weighted like WeightedRoundRobin unless its config
+// says "weighted": false. Both are built as gRPC's round_robin is: an
+// endpointsharding balancer with a pick_first child per endpoint, so each
+// endpoint keeps one connection (endpoints of other zones too, for a quick
+// failover), and a change of weight or zone in the registry changes only the
+// picker, never a connection. A pick is an atomic add and a few integer
+// operations, without locks or allocations (see docs/BENCHMARKS.md).
+// WeightedServiceConfig and ZoneServiceConfig write these configs.
+//
+// For large fleets, gRPC's random_subsetting policy (gRFC A68; import
+// google.golang.org/grpc/balancer/randomsubsetting) composes with both: each
+// client connects to subsetSize endpoints, chosen by a hash with a seed of
+// its own, and balances over them with the child policy:
+//
+//	{"loadBalancingConfig":[{"random_subsetting_experimental":{"subsetSize":20,
+//	  "childPolicy":[{"rollcall_weighted_round_robin":{}}]}}]}
+//
+// With rollcall_zone_preference as the child, the subset is taken before
+// zones are looked at: choose a subsetSize that leaves minLocalReady
+// endpoints of the client's zone in the subset with room to spare.
 //
 // # Registry failures
 //

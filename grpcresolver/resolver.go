@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/attributes"
+	"google.golang.org/grpc/experimental/balancer/weight"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/serviceconfig"
 
@@ -46,6 +47,13 @@ func InstanceFromEndpoint(ep resolver.Endpoint) (registry.Instance, bool) {
 	return a.in.Clone(), true
 }
 
+// instanceOf is InstanceFromEndpoint without the copy, for readers that
+// only read.
+func instanceOf(ep resolver.Endpoint) (registry.Instance, bool) {
+	a, ok := ep.Attributes.Value(instanceKey{}).(instanceAttr)
+	return a.in, ok
+}
+
 // entry is one instance and the Endpoint made for it, kept so that an
 // unchanged instance reuses the same Endpoint (and attributes pointer).
 type entry struct {
@@ -53,11 +61,16 @@ type entry struct {
 	ep resolver.Endpoint
 }
 
+// newEntry makes the endpoint of in. It carries the instance and, for
+// gRPC's own weighted policies (ring_hash, this package's
+// WeightedRoundRobin), the instance's weight in gRPC's endpoint weight
+// attribute.
 func newEntry(in registry.Instance) entry {
-	return entry{in: in, ep: resolver.Endpoint{
+	ep := resolver.Endpoint{
 		Addresses:  []resolver.Address{{Addr: in.Addr}},
 		Attributes: attributes.New(instanceKey{}, instanceAttr{in}),
-	}}
+	}
+	return entry{in: in, ep: weight.Set(ep, weight.EndpointInfo{Weight: uint32(in.Weight())})}
 }
 
 // grpcResolver follows one service for one gRPC channel. Two goroutines:
