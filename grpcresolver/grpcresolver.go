@@ -33,6 +33,12 @@
 //	static://10.0.0.1:80,10.0.0.2:80/user.rpc static://10.0.0.1:80,10.0.0.2:80  user.rpc (fixed endpoints)
 //	static:///user.rpc?file=eps.json         static:///?file=eps.json           user.rpc (endpoints from a file)
 //
+// Query parameters whose names begin with "meta." (FilterParamPrefix) are
+// the target's own, a filter (see Filters); SplitTarget and the resolver take
+// them out, and every other parameter is the registry URL's:
+//
+//	etcd://h:2379/user.rpc?ttl=5s&meta.version=v2  →  registry etcd://h:2379?ttl=5s, service user.rpc, version v2 only
+//
 // The registry URL's own form, for each scheme, is in its backend's package
 // doc. The service name must be a valid registry service name (letters,
 // digits and . _ - :); Build rejects a target without one. The channel's
@@ -67,6 +73,24 @@
 // grpc.WithDisableServiceConfig. Note that a service config from the resolver
 // takes precedence over grpc.WithDefaultServiceConfig: to choose another
 // policy, use NewBuilder with WithServiceConfig.
+//
+// # Filters
+//
+// A resolver can pass on only some instances of its service:
+//
+//	etcd://h:2379/user.rpc?meta.version=v2                      metadata version is v2
+//	etcd://h:2379/user.rpc?meta.version=v2&meta.version=v3      v2 or v3
+//	etcd://h:2379/user.rpc?meta.version=v2&meta.canary=true     v2 and canary=true
+//	etcd://h:2379/user.rpc?meta.canary=                         no canary key (or an empty one)
+//
+// so that a config file holding only a target string (go-zero's etc/*.yaml,
+// say) can choose a version or a label. From code, NewBuilder's WithFilter
+// takes any predicate (registry.MatchMetadata makes the one above); every
+// filter of the builder and of the target must keep an instance. Filters
+// follow the registry: an instance whose metadata changes (Registration.Update)
+// joins or leaves the endpoints with the change. Filtered-out instances
+// count as absent: a filter that keeps none pushes an empty list, and calls
+// fail with Unavailable.
 //
 // # Load balancing policies
 //
@@ -134,6 +158,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -192,6 +217,7 @@ type options struct {
 	logger             *slog.Logger
 	reg                registry.Registry
 	mux                *registry.URLMux
+	filters            []func(registry.Instance) bool
 }
 
 // WithServiceConfig sets the service config (JSON) sent with every update,
@@ -219,6 +245,16 @@ func WithLogger(l *slog.Logger) Option {
 // Targets then have the form scheme:///service. The builder does not close r.
 func WithRegistry(r registry.Registry) Option {
 	return func(o *options) { o.reg = r }
+}
+
+// WithFilter makes the resolvers pass on only the instances for which keep
+// returns true, for example registry.MatchMetadata(registry.MetaVersion,
+// "v2"). Several filters, and the target's meta. parameters (see Filters),
+// must all keep an instance. keep is called from the resolver's goroutine,
+// never under a lock, once per instance added or changed; it must not
+// block.
+func WithFilter(keep func(registry.Instance) bool) Option {
+	return func(o *options) { o.filters = append(o.filters, keep) }
 }
 
 // WithURLMux makes the builder open registry URLs with m instead of
@@ -273,18 +309,93 @@ var ErrInvalidTarget = errors.New("grpcresolver: invalid target")
 
 // SplitTarget splits a target URL into the registry URL that registry.Open
 // takes and the service name: the last path segment is the service, the
-// rest of the path, the host and the query stay with the registry URL.
+// rest of the path, the host and the query stay with the registry URL,
+// except the target's own parameters (meta.KEY=VALUE, see Filters).
 //
-//	SplitTarget("etcd://h:2379/team-a/user.rpc?ttl=5s") = "etcd://h:2379/team-a?ttl=5s", "user.rpc"
+//	SplitTarget("etcd://h:2379/team-a/user.rpc?ttl=5s&meta.version=v2") = "etcd://h:2379/team-a?ttl=5s", "user.rpc"
 func SplitTarget(target string) (registryURL, service string, err error) {
 	u, err := url.Parse(target)
 	if err != nil {
 		return "", "", fmt.Errorf("%w: %q does not parse as a URL", ErrInvalidTarget, registry.Redact(target))
 	}
-	return splitURL(u)
+	t, err := splitURL(u)
+	return t.regURL, t.service, err
 }
 
-func splitURL(u *url.URL) (string, string, error) {
+// FilterParamPrefix begins the names of a target's own query parameters:
+// meta.KEY=VALUE keeps the instances whose metadata KEY is VALUE. Every
+// other parameter belongs to the registry URL.
+const FilterParamPrefix = "meta."
+
+// target is a parsed target.
+type target struct {
+	regURL, service string
+	filter          func(registry.Instance) bool // from the meta. parameters; nil without any
+}
+
+// targetFilter takes the meta. parameters out of u's query, and returns
+// the filter they make.
+func targetFilter(u *url.URL) (func(registry.Instance) bool, error) {
+	if !strings.Contains(u.RawQuery, FilterParamPrefix) {
+		return nil, nil // keep the registry's query as it was written
+	}
+	q, err := url.ParseQuery(u.RawQuery)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %q: query: %v", ErrInvalidTarget, registry.RedactURL(u), err)
+	}
+	var keys []string
+	for k := range q {
+		if strings.HasPrefix(k, FilterParamPrefix) {
+			keys = append(keys, k)
+		}
+	}
+	if len(keys) == 0 {
+		return nil, nil
+	}
+	slices.Sort(keys)
+	var match []func(registry.Instance) bool
+	for _, k := range keys {
+		key := strings.TrimPrefix(k, FilterParamPrefix)
+		if key == "" {
+			return nil, fmt.Errorf("%w: %q: parameter %q names no metadata key (want %sKEY=VALUE)", ErrInvalidTarget, registry.RedactURL(u), k, FilterParamPrefix)
+		}
+		match = append(match, registry.MatchMetadata(key, q[k]...))
+		q.Del(k)
+	}
+	u.RawQuery = q.Encode()
+	return allOf(match), nil
+}
+
+// allOf keeps what every one of fs keeps; nil when fs is empty.
+func allOf(fs []func(registry.Instance) bool) func(registry.Instance) bool {
+	switch len(fs) {
+	case 0:
+		return nil
+	case 1:
+		return fs[0]
+	}
+	return func(in registry.Instance) bool {
+		for _, f := range fs {
+			if !f(in) {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+func splitURL(u *url.URL) (target, error) {
+	r := *u
+	filter, err := targetFilter(&r)
+	if err != nil {
+		return target{}, err
+	}
+	regURL, service, err := splitPath(&r)
+	return target{regURL: regURL, service: service, filter: filter}, err
+}
+
+// splitPath splits u into the registry URL and the service name.
+func splitPath(u *url.URL) (string, string, error) {
 	form := func() error {
 		return fmt.Errorf("%w: %q: want the registry URL with the service name as the last path segment, e.g. %s://127.0.0.1:2379/user.rpc",
 			ErrInvalidTarget, registry.RedactURL(u), schemeOr(u.Scheme))
@@ -357,27 +468,33 @@ func (b *builder) Build(t resolver.Target, cc resolver.ClientConn, bo resolver.B
 	var (
 		reg     registry.Registry
 		service string
+		filter  func(registry.Instance) bool
 		release func()
 	)
 	if b.o.reg != nil {
-		if u.Host != "" || u.Opaque != "" || strings.Count(u.Path, "/") != 1 || u.RawQuery != "" {
-			return nil, fmt.Errorf("%w: %q: this builder uses a registry given to it; want %s:///SERVICE", ErrInvalidTarget, registry.RedactURL(&u), b.scheme)
-		}
-		_, s, err := splitURL(&u)
+		tg, err := splitURL(&u)
 		if err != nil {
 			return nil, err
 		}
-		reg, service, release = b.o.reg, s, func() {}
+		if u.Host != "" || u.Opaque != "" || strings.Count(u.Path, "/") != 1 || strings.Contains(tg.regURL, "?") {
+			return nil, fmt.Errorf("%w: %q: this builder uses a registry given to it; want %s:///SERVICE (with only %s parameters)", ErrInvalidTarget, registry.RedactURL(&u), b.scheme, FilterParamPrefix)
+		}
+		reg, service, filter, release = b.o.reg, tg.service, tg.filter, func() {}
 	} else {
-		regURL, s, err := splitURL(&u)
+		tg, err := splitURL(&u)
 		if err != nil {
 			return nil, err
 		}
-		sh, err := b.acquire(regURL)
+		sh, err := b.acquire(tg.regURL)
 		if err != nil {
 			return nil, fmt.Errorf("grpcresolver: target %q: %w", registry.RedactURL(&u), err)
 		}
-		reg, service, release = sh.reg, s, func() { b.release(sh) }
+		reg, service, filter, release = sh.reg, tg.service, tg.filter, func() { b.release(sh) }
+	}
+	if filter != nil {
+		filter = allOf(append(slices.Clip(b.o.filters), filter))
+	} else {
+		filter = allOf(b.o.filters)
 	}
 	var sc *serviceConfig
 	if b.o.serviceConfig != "" && !bo.DisableServiceConfig {
@@ -388,7 +505,7 @@ func (b *builder) Build(t resolver.Target, cc resolver.ClientConn, bo resolver.B
 		}
 		sc = pr
 	}
-	r, err := newResolver(reg, service, cc, sc, b.o, registry.RedactURL(&u), release)
+	r, err := newResolver(reg, service, filter, cc, sc, b.o, registry.RedactURL(&u), release)
 	if err != nil {
 		release()
 		return nil, err
