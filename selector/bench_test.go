@@ -89,3 +89,42 @@ func BenchmarkTransport(b *testing.B) {
 	}
 	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 }
+
+// stubTransport answers every request at once, without a network.
+type stubTransport struct{ resp http.Response }
+
+func (s *stubTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	r := s.resp
+	r.Request = req
+	return &r, nil
+}
+
+// BenchmarkTransportOverhead measures what Transport adds to a request:
+// the wrapped transport answers at once, so the figure is the pick, the
+// request's copy, and the stub's own response copy (the "stub" row).
+func BenchmarkTransportOverhead(b *testing.B) {
+	e := newEnv(b)
+	e.register(b, registry.Instance{Service: "web", ID: "a", Addr: "127.0.0.1:1"})
+	p := e.picker(b, "web", nil)
+	stub := &stubTransport{resp: http.Response{StatusCode: 200, Body: http.NoBody}}
+	for _, c := range []struct {
+		name string
+		rt   http.RoundTripper
+	}{
+		{"stub", stub},
+		{"selector.Transport+stub", selector.NewTransport(stub, p)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			req, err := http.NewRequest("GET", "http://web/x", nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := c.rt.RoundTrip(req); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

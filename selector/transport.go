@@ -75,8 +75,10 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			return nil, err
 		}
-		out := req.Clone(ctx)
-		out.URL.Host = in.Addr
+		// A shallow copy, as Request.WithContext makes: only the URL and
+		// Host differ, the headers are shared and not written.
+		out, u := *req, *req.URL
+		u.Host, out.URL = in.Addr, &u
 		if out.Host == "" {
 			out.Host = req.URL.Host
 		}
@@ -85,7 +87,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 				return nil, err
 			}
 		}
-		resp, err := t.base.RoundTrip(out)
+		resp, err := t.base.RoundTrip(&out)
 		if err == nil {
 			return resp, nil
 		}
