@@ -3,6 +3,7 @@ package grpcresolver
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/serviceconfig"
 
+	"github.com/rollcall-go/rollcall/internal/subset"
 	"github.com/rollcall-go/rollcall/internal/wrr"
 )
 
@@ -24,14 +26,18 @@ const (
 	// WeightedRoundRobin balances over the ready endpoints in proportion
 	// to their weights (registry.MetaWeight, read from gRPC's endpoint
 	// weight attribute, which this package's resolver sets). Its config is
-	// {}.
+	// {}, or {"subsetSize": 10, "clientIndex": 7} for deterministic
+	// subsetting (see the package doc).
 	WeightedRoundRobin = "rollcall_weighted_round_robin"
 	// ZonePreference sends every call to the ready endpoints in the
-	// client's zone (registry.MetaZone) while at least minLocalReady of
-	// them are ready, and to all ready endpoints otherwise; in both cases
-	// in proportion to their weights unless "weighted" is false. Its
-	// config is {"zone": "eu-1a", "minLocalReady": 1, "weighted": true};
-	// zone is required, minLocalReady defaults to 1 and weighted to true.
+	// client's zone (registry.MetaZone of the instance an endpoint of this
+	// package's resolver carries; other endpoints have no zone) while at
+	// least minLocalReady of them are ready, and to all ready endpoints
+	// otherwise; in both cases in proportion to their weights unless
+	// "weighted" is false. Its config is {"zone": "eu-1a",
+	// "minLocalReady": 1, "weighted": true}; zone is required,
+	// minLocalReady defaults to 1 and weighted to true. It takes
+	// subsetSize and clientIndex as WeightedRoundRobin does.
 	ZonePreference = "rollcall_zone_preference"
 )
 
@@ -60,6 +66,8 @@ type lbConfig struct {
 	Zone          string `json:"zone"`
 	MinLocalReady int    `json:"minLocalReady"`
 	Weighted      *bool  `json:"weighted"`
+	SubsetSize    int    `json:"subsetSize"`
+	ClientIndex   *int   `json:"clientIndex"`
 }
 
 // lbBuilder builds both policies the way grpc-go builds round_robin: an
@@ -85,8 +93,11 @@ func (b lbBuilder) ParseConfig(js json.RawMessage) (serviceconfig.LoadBalancingC
 			return nil, fmt.Errorf("%s: config %s: %v", b.name, js, err)
 		}
 	}
+	if cfg.SubsetSize < 0 || cfg.SubsetSize > 0 && (cfg.ClientIndex == nil || *cfg.ClientIndex < 0) {
+		return nil, fmt.Errorf(`%s: config %s: "subsetSize" must be positive, with the client's "clientIndex" (0, 1, 2, ...)`, b.name, js)
+	}
 	if !b.zone {
-		return &lbConfig{}, nil // zone fields mean nothing here
+		return &lbConfig{SubsetSize: cfg.SubsetSize, ClientIndex: cfg.ClientIndex}, nil // zone fields mean nothing here
 	}
 	if cfg.Zone == "" {
 		return nil, fmt.Errorf(`%s: config %s: "zone" (the client's zone) is required`, b.name, js)
@@ -124,10 +135,31 @@ func (b *lbBalancer) UpdateClientConnState(s balancer.ClientConnState) error {
 	b.mu.Lock()
 	b.cfg = cfg
 	b.mu.Unlock()
+	rs := s.ResolverState
+	if cfg.SubsetSize > 0 {
+		rs.Endpoints = subsetOf(rs.Endpoints, cfg.SubsetSize, *cfg.ClientIndex)
+		rs.Addresses = nil
+	}
 	// The child sends its state, and so the new picker, before returning.
 	return b.child.UpdateClientConnState(balancer.ClientConnState{
-		ResolverState: pickfirst.EnableHealthListener(s.ResolverState),
+		ResolverState: pickfirst.EnableHealthListener(rs),
 	})
+}
+
+// subsetOf returns the endpoints of the client's deterministic subset (see
+// package internal/subset), by their first addresses.
+func subsetOf(eps []resolver.Endpoint, size, client int) []resolver.Endpoint {
+	eps = slices.DeleteFunc(slices.Clone(eps), func(ep resolver.Endpoint) bool { return len(ep.Addresses) == 0 })
+	keys := make([]string, len(eps))
+	for i, ep := range eps {
+		keys[i] = ep.Addresses[0].Addr
+	}
+	idx := subset.Choose(keys, size, client)
+	out := make([]resolver.Endpoint, len(idx))
+	for j, i := range idx {
+		out[j] = eps[i]
+	}
+	return out
 }
 
 func (b *lbBalancer) ResolverError(err error) { b.child.ResolverError(err) }

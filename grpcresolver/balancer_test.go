@@ -208,6 +208,11 @@ func TestPolicyConfigs(t *testing.T) {
 		{grpcresolver.ZonePreference, `{"zone":"a"}`, true},
 		{grpcresolver.ZonePreference, `{"zone":"a","minLocalReady":3,"weighted":false}`, true},
 		{grpcresolver.ZonePreference, `{}`, false},
+		{grpcresolver.WeightedRoundRobin, `{"subsetSize":10,"clientIndex":0}`, true},
+		{grpcresolver.ZonePreference, `{"zone":"a","subsetSize":10,"clientIndex":3}`, true},
+		{grpcresolver.WeightedRoundRobin, `{"subsetSize":10}`, false},
+		{grpcresolver.WeightedRoundRobin, `{"subsetSize":10,"clientIndex":-1}`, false},
+		{grpcresolver.WeightedRoundRobin, `{"subsetSize":-1}`, false},
 		{grpcresolver.ZonePreference, `{"zone":5}`, false},
 	} {
 		if err := parse(tc.name, tc.js); (err == nil) != tc.ok {
@@ -266,5 +271,51 @@ func TestRandomSubsettingComposesWithWeightedRoundRobin(t *testing.T) {
 	}
 	for addr := range counts {
 		checkShare(t, counts, addr, 1200*weights[addr]/sum)
+	}
+}
+
+func TestDeterministicSubsetsOfARoundPartitionTheInstances(t *testing.T) {
+	// 10 servers, subsets of 3: a round is 4 clients (indexes 0-3), whose
+	// subsets (3, 3, 2 and 2 servers) hold every server once. Each channel
+	// connects to its subset only and calls every server of it.
+	e := newMemEnv(t)
+	all := map[string]bool{}
+	for i := range 10 {
+		all[startServer(t, e, "echo", fmt.Sprintf("s%d", i), time.Second, nil).addr] = true
+	}
+	owner := map[string]int{} // server → client index
+	for client := range 4 {
+		tg := e.URL() + fmt.Sprintf("/echo#c%d", client) // a target of its own, for the SubConn count
+		conn := dialConfig(t, tg, policyConfig(countingPrefix+grpcresolver.WeightedRoundRobin, fmt.Sprintf(`{"subsetSize":3,"clientIndex":%d}`, client)))
+		counts := map[string]int{}
+		waitFor(t, 10*time.Second, "calls reaching the subset", func() bool {
+			for range 30 {
+				addr, err := call(context.Background(), conn)
+				if err != nil {
+					return false
+				}
+				counts[addr]++
+			}
+			return len(counts) >= 2 && int64(len(counts)) == subConnsCreated(tg)
+		})
+		for range 300 {
+			addr, err := call(context.Background(), conn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			counts[addr]++
+		}
+		if n := len(counts); n < 2 || n > 3 || int64(n) != subConnsCreated(tg) {
+			t.Fatalf("client %d called %d servers over %d SubConns: %v; want its subset of 2 or 3", client, n, subConnsCreated(tg), counts)
+		}
+		for addr := range counts {
+			if c, dup := owner[addr]; dup {
+				t.Fatalf("server %s is in the subsets of clients %d and %d of one round", addr, c, client)
+			}
+			owner[addr] = client
+		}
+	}
+	if len(owner) != len(all) {
+		t.Fatalf("the round's subsets hold %d of the %d servers: %v", len(owner), len(all), owner)
 	}
 }

@@ -20,7 +20,8 @@
 // that zone (registry.MetaZone) while at least Options.MinLocal of them are
 // listed, and to every instance otherwise. A Picker knows only what the
 // registry lists; it does not probe instances (Transport retries another
-// instance when one cannot be reached).
+// instance when one cannot be reached). Options.SubsetSize limits a client
+// to a deterministic subset of a large service.
 //
 // # Stale and empty lists
 //
@@ -50,6 +51,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/rollcall-go/rollcall/internal/subset"
 	"github.com/rollcall-go/rollcall/internal/wrr"
 	"github.com/rollcall-go/rollcall/registry"
 )
@@ -77,6 +79,12 @@ type Options struct {
 	MinLocal int
 	// IgnoreWeights picks in plain round robin.
 	IgnoreWeights bool
+	// SubsetSize, when positive, makes the Picker use only a subset of
+	// that many of the instances the filter keeps: the deterministic
+	// subset of the client numbered ClientIndex (0, 1, 2, ...), as
+	// package grpcresolver's policies take it (see its package doc).
+	SubsetSize  int
+	ClientIndex int
 	// Logger receives the Picker's log lines; slog.Default() when nil.
 	Logger *slog.Logger
 }
@@ -172,7 +180,7 @@ func (p *Picker) build(u registry.Update) *snapshot {
 	if p.o.Filter != nil {
 		list = slices.DeleteFunc(list, func(in registry.Instance) bool { return !p.o.Filter(in) })
 	}
-	s := &snapshot{all: list, picks: list, stale: u.Stale}
+	s := &snapshot{stale: u.Stale}
 	switch {
 	case n == 0:
 		s.err = fmt.Errorf("selector: service %s: %w", p.service, ErrNoInstances)
@@ -182,6 +190,19 @@ func (p *Picker) build(u registry.Update) *snapshot {
 	if s.err != nil {
 		return s
 	}
+	if p.o.SubsetSize > 0 {
+		keys := make([]string, len(list))
+		for i, in := range list {
+			keys[i] = in.Addr
+		}
+		idx := subset.Choose(keys, p.o.SubsetSize, max(p.o.ClientIndex, 0))
+		sub := make([]registry.Instance, len(idx))
+		for j, i := range idx {
+			sub[j] = list[i]
+		}
+		list = sub
+	}
+	s.all, s.picks = list, list
 	if p.o.Zone != "" {
 		var local []registry.Instance
 		for _, in := range list {

@@ -436,3 +436,34 @@ func TestPickWhileTheListChanges(t *testing.T) {
 		}
 	}
 }
+
+func TestSubsetsOfARoundPartitionTheInstances(t *testing.T) {
+	e := newEnv(t)
+	for i := range 10 {
+		e.register(t, registry.Instance{Service: "svc", ID: fmt.Sprint("s", i), Addr: fmt.Sprintf("127.0.0.1:%d", 1000+i)})
+	}
+	owner := map[string]int{}
+	for client := range 4 { // ceil(10/3) clients make a round
+		p := e.picker(t, "svc", &selector.Options{SubsetSize: 3, ClientIndex: client})
+		seen := map[string]bool{}
+		for range 100 {
+			in, err := p.Pick(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen[in.Addr] = true
+		}
+		if len(seen) < 2 || len(seen) > 3 {
+			t.Fatalf("client %d picked %d instances, want its subset of 2 or 3: %v", client, len(seen), seen)
+		}
+		for addr := range seen {
+			if c, dup := owner[addr]; dup {
+				t.Fatalf("%s is in the subsets of clients %d and %d of one round", addr, c, client)
+			}
+			owner[addr] = client
+		}
+	}
+	if len(owner) != 10 {
+		t.Fatalf("the round's subsets hold %d of the 10 instances", len(owner))
+	}
+}
