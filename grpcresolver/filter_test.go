@@ -120,3 +120,14 @@ func TestBadTargetFilters(t *testing.T) {
 		}
 	}
 }
+
+func TestTargetsThatDifferInFiltersShareARegistry(t *testing.T) {
+	e := newMemEnv(t)
+	b := grpcresolver.NewBuilder("mem")
+	build(t, b, e.URL()+"/svc?ttl=5s&meta.version=v2", &recordingCC{}, resolver.BuildOptions{})
+	build(t, b, e.URL()+"/svc?ttl=5s", &recordingCC{}, resolver.BuildOptions{})
+	build(t, b, e.URL()+"/other?meta.zone=a&ttl=5s", &recordingCC{}, resolver.BuildOptions{})
+	if n := grpcresolver.OpenRegistries(b); n != 1 {
+		t.Fatalf("%d registries open for one registry URL", n)
+	}
+}

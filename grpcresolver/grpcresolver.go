@@ -381,9 +381,18 @@ func targetFilter(u *url.URL) (func(registry.Instance) bool, error) {
 			return nil, fmt.Errorf("%w: %q: parameter %q names no metadata key (want %sKEY=VALUE)", ErrInvalidTarget, registry.RedactURL(u), k, FilterParamPrefix)
 		}
 		match = append(match, registry.MatchMetadata(key, q[k]...))
-		q.Del(k)
 	}
-	u.RawQuery = q.Encode()
+	// The registry's parameters stay as written, so that targets that
+	// differ only in filters share one registry.
+	var kept []string
+	for _, kv := range strings.Split(u.RawQuery, "&") {
+		k, _, _ := strings.Cut(kv, "=")
+		if k, err := url.QueryUnescape(k); err == nil && strings.HasPrefix(k, FilterParamPrefix) {
+			continue
+		}
+		kept = append(kept, kv)
+	}
+	u.RawQuery = strings.Join(kept, "&")
 	return allOf(match), nil
 }
 
