@@ -129,7 +129,10 @@ type lbBalancer struct {
 
 func (b *lbBalancer) UpdateClientConnState(s balancer.ClientConnState) error {
 	cfg, ok := s.BalancerConfig.(*lbConfig)
-	if !ok {
+	switch {
+	case s.BalancerConfig == nil:
+		cfg = &lbConfig{} // built by hand, without a parsed config: weights only
+	case !ok:
 		return fmt.Errorf("%s: unexpected config %T", b.name, s.BalancerConfig)
 	}
 	b.mu.Lock()
