@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -67,7 +68,28 @@ func subConnsCreated(target string) int64 {
 // dialConfig dials target through a builder sending the service config sc.
 func dialConfig(t testing.TB, target, sc string) *grpc.ClientConn {
 	t.Helper()
-	return dial(t, target, grpc.WithResolvers(grpcresolver.NewBuilder("mem", grpcresolver.WithServiceConfig(sc))))
+	scheme, _, _ := strings.Cut(target, ":")
+	return dial(t, target, grpc.WithResolvers(grpcresolver.NewBuilder(scheme, grpcresolver.WithServiceConfig(sc))))
+}
+
+// testSelection runs the policies' and filters' end-to-end tests against
+// registry servers made by mk.
+func testSelection(t *testing.T, mk func(t testing.TB) env) {
+	for _, tc := range []struct {
+		name string
+		test func(*testing.T, env)
+	}{
+		{"WeightsSplitCallsAndChangeWithoutNewSubConns", testWeightedRoundRobinFollowsWeightsWithoutNewSubConns},
+		{"ZonePreferenceKeepsCallsLocalFailsOverAndComesBack", testZonePreferenceKeepsCallsLocalFailsOverAndComesBack},
+		{"ZonePreferenceIsWeighted", testZonePreferenceIsWeighted},
+		{"TargetFilterFollowsAMetadataChange", testTargetFilterFollowsAMetadataChange},
+	} {
+		t.Run(tc.name, func(t *testing.T) { tc.test(t, mk(t)) })
+	}
+}
+
+func TestSelectionMemory(t *testing.T) {
+	testSelection(t, func(t testing.TB) env { return newMemEnv(t) })
 }
 
 func policyConfig(name, cfg string) string {
@@ -86,8 +108,7 @@ func withWeight(w int) map[string]string {
 	return map[string]string{registry.MetaWeight: fmt.Sprint(w)}
 }
 
-func TestWeightedRoundRobinFollowsWeightsWithoutNewSubConns(t *testing.T) {
-	e := newMemEnv(t)
+func testWeightedRoundRobinFollowsWeightsWithoutNewSubConns(t *testing.T, e env) {
 	a := startServer(t, e, "echo", "a", time.Second, withWeight(1))
 	b := startServer(t, e, "echo", "b", time.Second, withWeight(3))
 	target := e.URL() + "/echo"
@@ -117,8 +138,7 @@ func TestWeightedRoundRobinFollowsWeightsWithoutNewSubConns(t *testing.T) {
 	}
 }
 
-func TestZonePreferenceKeepsCallsLocalFailsOverAndComesBack(t *testing.T) {
-	e := newMemEnv(t)
+func testZonePreferenceKeepsCallsLocalFailsOverAndComesBack(t *testing.T, e env) {
 	zone := func(z string) map[string]string { return map[string]string{registry.MetaZone: z} }
 	local := []*server{
 		startServer(t, e, "echo", "a1", time.Second, zone("a")),
@@ -180,8 +200,7 @@ func TestZonePreferenceKeepsCallsLocalFailsOverAndComesBack(t *testing.T) {
 	}
 }
 
-func TestZonePreferenceIsWeighted(t *testing.T) {
-	e := newMemEnv(t)
+func testZonePreferenceIsWeighted(t *testing.T, e env) {
 	md := func(z string, w int) map[string]string {
 		return map[string]string{registry.MetaZone: z, registry.MetaWeight: fmt.Sprint(w)}
 	}

@@ -13,8 +13,7 @@ import (
 	"github.com/rollcall-go/rollcall/registry"
 )
 
-func TestTargetFilterFollowsAMetadataChange(t *testing.T) {
-	e := newMemEnv(t)
+func testTargetFilterFollowsAMetadataChange(t *testing.T, e env) {
 	version := func(v string) map[string]string { return map[string]string{registry.MetaVersion: v} }
 	v1 := startServer(t, e, "echo", "a", time.Second, version("v1"))
 	v2 := startServer(t, e, "echo", "b", time.Second, version("v2"))
