@@ -29,7 +29,8 @@ var (
 	memSeq  atomic.Int64
 )
 
-// env is an in-process registry server and a client of it.
+// env is a registry server and a client of it: the in-process memory
+// server (srv, with fault controls) or a real etcd (srv nil).
 type env struct {
 	srv *memory.Server
 	reg registry.Registry
