@@ -16,7 +16,8 @@
 // smooth: weights 1:3 give B B A B, B B A B, ... (the schedule of grpc-go's
 // weighted_round_robin; Options.IgnoreWeights makes it plain round robin).
 // Options.Filter keeps only some instances (registry.MatchMetadata for a
-// version or a label). With Options.Zone set, picks go to the instances of
+// version or a label); instances that share an address count once (the
+// smallest ID), as in package grpcresolver. With Options.Zone set, picks go to the instances of
 // that zone (registry.MetaZone) while at least Options.MinLocal of them are
 // listed, and to every instance otherwise. A Picker knows only what the
 // registry lists; it does not probe instances (Transport retries another
@@ -175,11 +176,18 @@ func (p *Picker) build(u registry.Update) *snapshot {
 	if !u.Synced {
 		return &snapshot{stale: true, err: fmt.Errorf("selector: service %s: no instances known yet: %w", p.service, u.Err)}
 	}
-	list := u.Instances()
+	list := u.Instances() // sorted by ID
 	n := len(list)
-	if p.o.Filter != nil {
-		list = slices.DeleteFunc(list, func(in registry.Instance) bool { return !p.o.Filter(in) })
-	}
+	seen := make(map[string]bool, len(list))
+	list = slices.DeleteFunc(list, func(in registry.Instance) bool {
+		// Instances that share an address are one (the smallest ID), as
+		// for the gRPC resolver.
+		if seen[in.Addr] || p.o.Filter != nil && !p.o.Filter(in) {
+			return true
+		}
+		seen[in.Addr] = true
+		return false
+	})
 	s := &snapshot{stale: u.Stale}
 	switch {
 	case n == 0:

@@ -468,3 +468,22 @@ func TestSubsetsOfARoundPartitionTheInstances(t *testing.T) {
 		t.Fatalf("the round's subsets hold %d of the 10 instances", len(owner))
 	}
 }
+
+func TestInstancesSharingAnAddressAreOne(t *testing.T) {
+	e := newEnv(t)
+	e.register(t, registry.Instance{Service: "svc", ID: "a", Addr: "127.0.0.1:1001"})
+	e.register(t, registry.Instance{Service: "svc", ID: "b", Addr: "127.0.0.1:1001", Metadata: weight(5)})
+	e.register(t, registry.Instance{Service: "svc", ID: "c", Addr: "127.0.0.1:1002"})
+	p := e.picker(t, "svc", nil)
+	counts := map[string]int{}
+	for range 100 {
+		in, err := p.Pick(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		counts[in.ID]++
+	}
+	if counts["a"] != 50 || counts["c"] != 50 {
+		t.Fatalf("picks %v; want a and c half each (b shares a's address)", counts)
+	}
+}
