@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/balancer"
 	_ "google.golang.org/grpc/balancer/randomsubsetting"
+	_ "google.golang.org/grpc/balancer/ringhash"
 	"google.golang.org/grpc/experimental/balancer/weight"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/serviceconfig"
@@ -337,4 +338,18 @@ func TestDeterministicSubsetsOfARoundPartitionTheInstances(t *testing.T) {
 	if len(owner) != len(all) {
 		t.Fatalf("the round's subsets hold %d of the %d servers: %v", len(owner), len(all), owner)
 	}
+}
+
+func TestRingHashSeesTheWeights(t *testing.T) {
+	// gRPC's own ring_hash reads the endpoint weight attribute the resolver
+	// sets: with weights 1:3 a quarter of the ring is a's. Calls without
+	// the hash header take random hashes.
+	e := newMemEnv(t)
+	a := startServer(t, e, "echo", "a", time.Second, withWeight(1))
+	b := startServer(t, e, "echo", "b", time.Second, withWeight(3))
+	conn := dialConfig(t, e.URL()+"/echo", policyConfig("ring_hash_experimental", `{"requestHashHeader":"x-hash","minRingSize":4096}`))
+	waitAllServing(t, conn, []*server{a, b})
+	counts := callN(t, conn, 4000)
+	checkShare(t, counts, a.addr, 1000)
+	checkShare(t, counts, b.addr, 3000)
 }
