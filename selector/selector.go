@@ -191,9 +191,9 @@ func (p *Picker) build(u registry.Update) *snapshot {
 	s := &snapshot{stale: u.Stale}
 	switch {
 	case n == 0:
-		s.err = fmt.Errorf("selector: service %s: %w", p.service, ErrNoInstances)
+		s.err = fmt.Errorf("%w: the registry lists no instance of %s", ErrNoInstances, p.service)
 	case len(list) == 0:
-		s.err = fmt.Errorf("selector: service %s: none of its %d instances passes the filter: %w", p.service, n, ErrNoInstances)
+		s.err = fmt.Errorf("%w: none of the %d instances of %s passes the filter", ErrNoInstances, n, p.service)
 	}
 	if s.err != nil {
 		return s

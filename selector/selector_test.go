@@ -360,8 +360,8 @@ func TestEmptyServiceFailsFast(t *testing.T) {
 	e := newEnv(t)
 	c := client(t, e.picker(t, "nobody", nil))
 	_, err := get(c, "http://nobody/")
-	if !errors.Is(err, selector.ErrNoInstances) {
-		t.Fatalf("GET of a service without instances: %v; want ErrNoInstances", err)
+	if !errors.Is(err, selector.ErrNoInstances) || !strings.Contains(err.Error(), "selector: no instances: the registry lists no instance of nobody") {
+		t.Fatalf("GET of a service without instances: %v; want ErrNoInstances naming the service", err)
 	}
 	e.start(t, "web", "a", map[string]string{registry.MetaVersion: "v1"})
 	p := e.picker(t, "web", &selector.Options{Filter: registry.MatchMetadata(registry.MetaVersion, "v2")})
