@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -275,7 +276,6 @@ func TestTransportRetriesOnlyIdempotentRequestsOnABrokenConnection(t *testing.T)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer lis.Close()
 	var served atomic.Int64
 	done := make(chan struct{})
 	go func() {
@@ -293,26 +293,57 @@ func TestTransportRetriesOnlyIdempotentRequestsOnABrokenConnection(t *testing.T)
 	defer func() { lis.Close(); <-done }()
 	e.register(t, registry.Instance{Service: "web", ID: "broken", Addr: lis.Addr().String()})
 	e.start(t, "web", "ok", nil)
-	c := client(t, e.picker(t, "web", &selector.Options{IgnoreWeights: true}))
+
+	// A new Picker starts with the first instance by ID: broken. The GET
+	// sent there is sent again to ok; broken gets no new request after it.
+	c := client(t, e.picker(t, "web", nil))
 	for i := range 10 {
 		if id, err := get(c, "http://web/"); err != nil || id != "ok" {
 			t.Fatalf("GET %d: %q, %v; want the working instance", i, id, err)
 		}
 	}
-	// Half the POSTs are sent to broken first: they fail, and are not sent
-	// again.
-	failed := 0
-	before := served.Load()
-	for range 10 {
-		resp, err := c.Post("http://web/", "text/plain", strings.NewReader("body"))
-		if err != nil {
-			failed++
-			continue
-		}
-		resp.Body.Close()
+	if n := served.Load(); n != 1 {
+		t.Fatalf("broken saw %d of 10 GETs; want the first only", n)
 	}
-	if failed != 5 || served.Load()-before != 5 {
-		t.Fatalf("%d of 10 POSTs failed, broken saw %d; want 5 and 5 (a POST whose connection broke is not sent again)", failed, served.Load()-before)
+
+	// A POST sent to broken fails and is not sent again.
+	c = client(t, e.picker(t, "web", nil))
+	resp, err := c.Post("http://web/", "text/plain", strings.NewReader("body"))
+	if err == nil {
+		resp.Body.Close()
+		t.Fatal("a POST whose connection broke succeeded")
+	}
+	if n := served.Load(); n != 2 {
+		t.Fatalf("broken saw %d requests, want 2 (the POST once)", n)
+	}
+	resp, err = c.Post("http://web/", "text/plain", strings.NewReader("body"))
+	if err != nil {
+		t.Fatalf("the next POST, to the working instance: %v", err)
+	}
+	resp.Body.Close()
+}
+
+func TestUnreachableInstanceGetsNoNewRequests(t *testing.T) {
+	e := newEnv(t)
+	e.start(t, "web", "a-live", nil)
+	dead := e.start(t, "web", "b-dead", nil)
+	dead.srv.Close()
+	var dials sync.Map // address → *atomic.Int64
+	base := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		n, _ := dials.LoadOrStore(addr, new(atomic.Int64))
+		n.(*atomic.Int64).Add(1)
+		return (&net.Dialer{}).DialContext(ctx, network, addr)
+	}}
+	defer base.CloseIdleConnections()
+	c := &http.Client{Transport: selector.NewTransport(base, e.picker(t, "web", nil))}
+	for i := range 20 {
+		if id, err := get(c, "http://web/"); err != nil || id != "a-live" {
+			t.Fatalf("GET %d: %q, %v", i, id, err)
+		}
+	}
+	n, _ := dials.Load(dead.addr)
+	if got := n.(*atomic.Int64).Load(); got != 1 {
+		t.Fatalf("%d dials to the unreachable instance for 20 requests; want 1", got)
 	}
 }
 

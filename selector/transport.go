@@ -5,10 +5,17 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // DefaultAttempts is how many instances Transport tries for one request.
 const DefaultAttempts = 3
+
+// SkipAfterFailure is how long Transport sends no new request to an
+// instance it could not reach, while other instances are left.
+const SkipAfterFailure = 10 * time.Second
 
 // Transport is an http.RoundTripper that sends a request whose URL host is
 // the service name of one of its Pickers (http://user.rpc/users/42) to an
@@ -26,6 +33,11 @@ const DefaultAttempts = 3
 // they are. Errors of Pick (ErrNoInstances, ErrClosed, the registry's) are
 // returned at once.
 //
+// An instance that could not be reached gets no new request for
+// SkipAfterFailure (unless every instance is in that case), so that an
+// instance that went away costs one failed connection, not one per request
+// until the registry drops it; the first request it answers ends that.
+//
 // For https, the wrapped transport verifies the instance's certificate
 // against the instance's address; set its TLSClientConfig.ServerName to
 // the name the certificates carry.
@@ -34,6 +46,10 @@ const DefaultAttempts = 3
 type Transport struct {
 	base    http.RoundTripper
 	pickers map[string]*Picker
+
+	nskip atomic.Int32 // len(skip), read without mu
+	mu    sync.Mutex
+	skip  map[string]time.Time // address → until when it gets no new request
 }
 
 var _ http.RoundTripper = (*Transport)(nil)
@@ -44,7 +60,7 @@ func NewTransport(base http.RoundTripper, pickers ...*Picker) *Transport {
 	if base == nil {
 		base = http.DefaultTransport
 	}
-	t := &Transport{base: base, pickers: make(map[string]*Picker, len(pickers))}
+	t := &Transport{base: base, pickers: make(map[string]*Picker, len(pickers)), skip: map[string]time.Time{}}
 	for _, p := range pickers {
 		t.pickers[p.Service()] = p
 	}
@@ -64,8 +80,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		tried   []string
 		lastErr error
 	)
+	skipped := t.skipped()
 	for attempt := 1; ; attempt++ {
-		in, ok, err := p.pickExcept(ctx, tried)
+		in, ok, err := p.pickExcept(ctx, append(tried, skipped...))
+		if err == nil && !ok && skipped != nil {
+			skipped = nil // every instance left is skipped: try them anyway
+			in, ok, err = p.pickExcept(ctx, tried)
+		}
 		if err == nil && !ok {
 			return nil, lastErr // every instance tried
 		}
@@ -89,13 +110,61 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		resp, err := t.base.RoundTrip(&out)
 		if err == nil {
+			t.reached(in.Addr)
 			return resp, nil
+		}
+		if connectionError(err) {
+			t.unreachable(in.Addr)
 		}
 		tried, lastErr = append(tried, in.Addr), err
 		if attempt >= DefaultAttempts || !replayable || ctx.Err() != nil || !retryable(req, err) {
 			return nil, err
 		}
 	}
+}
+
+// skipped returns the addresses that get no new request now.
+func (t *Transport) skipped() []string {
+	if t.nskip.Load() == 0 {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := time.Now()
+	var out []string
+	for addr, until := range t.skip {
+		if now.Before(until) {
+			out = append(out, addr)
+		} else {
+			delete(t.skip, addr)
+		}
+	}
+	t.nskip.Store(int32(len(t.skip)))
+	return out
+}
+
+func (t *Transport) unreachable(addr string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.skip[addr] = time.Now().Add(SkipAfterFailure)
+	t.nskip.Store(int32(len(t.skip)))
+}
+
+func (t *Transport) reached(addr string) {
+	if t.nskip.Load() == 0 {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.skip, addr)
+	t.nskip.Store(int32(len(t.skip)))
+}
+
+// connectionError reports whether err says the connection to the instance
+// failed or broke (not the request's context, not the response).
+func connectionError(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 // retryable reports whether err says the instance could not be reached and
@@ -106,10 +175,7 @@ func retryable(req *http.Request, err error) bool {
 	if errors.As(err, &op) && op.Op == "dial" {
 		return true
 	}
-	if !idempotent(req) {
-		return false
-	}
-	return op != nil || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+	return idempotent(req) && connectionError(err)
 }
 
 func idempotent(req *http.Request) bool {
