@@ -113,7 +113,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			t.reached(in.Addr)
 			return resp, nil
 		}
-		if connectionError(err) {
+		if connectionError(err) && ctx.Err() == nil { // not the caller giving up
 			t.unreachable(in.Addr)
 		}
 		tried, lastErr = append(tried, in.Addr), err
