@@ -70,6 +70,10 @@ func TestGRPCEtcd(t *testing.T) {
 	testGRPC(t, func(t testing.TB) env { return newEtcdEnv(t) }, 7*time.Second)
 }
 
+func TestSelectionEtcd(t *testing.T) {
+	testSelection(t, func(t testing.TB) env { return newEtcdEnv(t) })
+}
+
 func TestGRPCEtcdPrefix(t *testing.T) {
 	e := newEtcdEnv(t)
 	// team-a's registrars use etcd://host/team-a, whose keys live under

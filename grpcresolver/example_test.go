@@ -67,6 +67,7 @@ func ExampleSplitTarget() {
 		"etcd://10.0.0.1:2379,10.0.0.2:2379/user.rpc",
 		"etcd://10.0.0.1:2379/team-a/user.rpc?ttl=5s",
 		"k8s://default/user:8080",
+		"etcd://10.0.0.1:2379/user.rpc?dial-timeout=3s&meta.version=v2",
 	} {
 		reg, service, err := grpcresolver.SplitTarget(target)
 		if err != nil {
@@ -78,4 +79,21 @@ func ExampleSplitTarget() {
 	// etcd://10.0.0.1:2379,10.0.0.2:2379/user.rpc: registry etcd://10.0.0.1:2379,10.0.0.2:2379, service user.rpc
 	// etcd://10.0.0.1:2379/team-a/user.rpc?ttl=5s: registry etcd://10.0.0.1:2379/team-a?ttl=5s, service user.rpc
 	// k8s://default/user:8080: registry k8s://default, service user:8080
+	// etcd://10.0.0.1:2379/user.rpc?dial-timeout=3s&meta.version=v2: registry etcd://10.0.0.1:2379?dial-timeout=3s, service user.rpc
+}
+
+// A client in zone eu-1a that prefers its zone's instances, weighted, while
+// at least two of them are ready, and sees only instances of version v2:
+// the policy from the builder's service config, the filter from the target
+// (WithFilter takes one from code).
+func Example_zoneAndVersion() {
+	b := grpcresolver.NewBuilder("etcd", grpcresolver.WithServiceConfig(grpcresolver.ZoneServiceConfig("eu-1a", 2)))
+	conn, err := grpc.NewClient("etcd://127.0.0.1:2379/user.rpc?meta.version=v2",
+		grpc.WithResolvers(b), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Println(grpcresolver.ZoneServiceConfig("eu-1a", 2))
+	// Output: {"loadBalancingConfig":[{"rollcall_zone_preference":{"zone":"eu-1a","minLocalReady":2}}]}
 }

@@ -1,6 +1,10 @@
 package grpcresolver
 
-import "google.golang.org/grpc/resolver"
+import (
+	"google.golang.org/grpc/resolver"
+
+	"github.com/rollcall-go/rollcall/registry"
+)
 
 // OpenRegistries returns how many registries a builder made by NewBuilder
 // holds open.
@@ -16,3 +20,6 @@ func WatchStale(r resolver.Resolver) bool {
 
 // Relists returns how many relists the resolver has begun.
 func Relists(r resolver.Resolver) int64 { return r.(*grpcResolver).relists.Load() }
+
+// EndpointOf returns the endpoint the resolver pushes for in.
+func EndpointOf(in registry.Instance) resolver.Endpoint { return newEntry(in, true).ep }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/attributes"
+	"google.golang.org/grpc/experimental/balancer/weight"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/serviceconfig"
 
@@ -46,18 +47,44 @@ func InstanceFromEndpoint(ep resolver.Endpoint) (registry.Instance, bool) {
 	return a.in.Clone(), true
 }
 
+// instanceOf is InstanceFromEndpoint without the copy, for readers that
+// only read.
+func instanceOf(ep resolver.Endpoint) (registry.Instance, bool) {
+	a, ok := ep.Attributes.Value(instanceKey{}).(instanceAttr)
+	return a.in, ok
+}
+
 // entry is one instance and the Endpoint made for it, kept so that an
 // unchanged instance reuses the same Endpoint (and attributes pointer).
 type entry struct {
-	in registry.Instance
-	ep resolver.Endpoint
+	in   registry.Instance
+	ep   resolver.Endpoint
+	keep bool // the filter keeps it
 }
 
-func newEntry(in registry.Instance) entry {
-	return entry{in: in, ep: resolver.Endpoint{
+// newEntry makes the endpoint of in. It carries the instance and, for
+// gRPC's own weighted policies (ring_hash, this package's
+// WeightedRoundRobin), the instance's weight in gRPC's endpoint weight
+// attribute.
+func newEntry(in registry.Instance, keep bool) entry {
+	ep := resolver.Endpoint{
 		Addresses:  []resolver.Address{{Addr: in.Addr}},
 		Attributes: attributes.New(instanceKey{}, instanceAttr{in}),
-	}}
+	}
+	return entry{in: in, ep: weight.Set(ep, weight.EndpointInfo{Weight: uint32(in.Weight())}), keep: keep}
+}
+
+// keep reports whether the resolver's filter keeps in. It is user code:
+// never called under mu.
+func (r *grpcResolver) keep(in registry.Instance) bool { return r.filter == nil || r.filter(in) }
+
+// newEntries makes the entries of ins, outside mu.
+func (r *grpcResolver) newEntries(ins []registry.Instance) []entry {
+	es := make([]entry, len(ins))
+	for i, in := range ins {
+		es[i] = newEntry(in, r.keep(in))
+	}
+	return es
 }
 
 // grpcResolver follows one service for one gRPC channel. Two goroutines:
@@ -67,6 +94,7 @@ func newEntry(in registry.Instance) entry {
 type grpcResolver struct {
 	reg      registry.Registry
 	service  string
+	filter   func(registry.Instance) bool // nil keeps every instance
 	cc       resolver.ClientConn
 	sc       *serviceConfig
 	log      *slog.Logger
@@ -95,7 +123,7 @@ type grpcResolver struct {
 
 var _ resolver.Resolver = (*grpcResolver)(nil)
 
-func newResolver(reg registry.Registry, service string, cc resolver.ClientConn, sc *serviceConfig, o options, target string, release func()) (*grpcResolver, error) {
+func newResolver(reg registry.Registry, service string, filter func(registry.Instance) bool, cc resolver.ClientConn, sc *serviceConfig, o options, target string, release func()) (*grpcResolver, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	w, err := reg.Watch(ctx, service)
 	if err != nil {
@@ -103,7 +131,7 @@ func newResolver(reg registry.Registry, service string, cc resolver.ClientConn, 
 		return nil, fmt.Errorf("grpcresolver: target %q: %w", target, err)
 	}
 	r := &grpcResolver{
-		reg: reg, service: service, cc: cc, sc: sc, interval: o.resolveNowInterval, release: release, w: w,
+		reg: reg, service: service, filter: filter, cc: cc, sc: sc, interval: o.resolveNowInterval, release: release, w: w,
 		log: o.logger.With("target", target),
 		ctx: ctx, cancel: cancel, hint: make(chan struct{}, 1),
 		addrs: map[string]int{}, seen: map[string]struct{}{},
@@ -149,6 +177,7 @@ func (r *grpcResolver) watchLoop() {
 }
 
 func (r *grpcResolver) onUpdate(u registry.Update) {
+	changed, added := r.newEntries(u.Changed), r.newEntries(u.Added)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if !u.Synced {
@@ -161,7 +190,7 @@ func (r *grpcResolver) onUpdate(u registry.Update) {
 		}
 		return
 	}
-	r.applyLocked(u)
+	r.applyLocked(u.Removed, changed, added)
 	if u.Stale {
 		r.watchOK = false
 		if !r.stale {
@@ -181,8 +210,8 @@ func (r *grpcResolver) onUpdate(u registry.Update) {
 }
 
 // applyLocked applies an update's changes to view.
-func (r *grpcResolver) applyLocked(u registry.Update) {
-	for _, in := range u.Removed {
+func (r *grpcResolver) applyLocked(removed []registry.Instance, changed, added []entry) {
+	for _, in := range removed {
 		if i, ok := find(r.view, in.ID); ok {
 			r.countAddr(r.view[i].in.Addr, -1)
 			r.view = slices.Delete(r.view, i, i+1)
@@ -190,11 +219,11 @@ func (r *grpcResolver) applyLocked(u registry.Update) {
 	}
 	// Many additions (the first list, a resync) are appended and sorted
 	// once; a few are inserted in place.
-	bulk := len(u.Added)+len(u.Changed) > 16
+	bulk := len(added)+len(changed) > 16
 	sorted := len(r.view) // view[:sorted] is sorted
-	for _, ins := range [2][]registry.Instance{u.Changed, u.Added} {
-		for _, in := range ins {
-			e := newEntry(in)
+	for _, es := range [2][]entry{changed, added} {
+		for _, e := range es {
+			in := e.in
 			r.countAddr(in.Addr, +1)
 			i, ok := find(r.view[:sorted], in.ID)
 			switch {
@@ -248,6 +277,9 @@ func (r *grpcResolver) pushLocked() {
 		// Instances sharing an address: one endpoint, the smallest ID.
 		clear(r.seen)
 		for i := range src {
+			if !src[i].keep {
+				continue
+			}
 			if _, dup := r.seen[src[i].in.Addr]; !dup {
 				r.seen[src[i].in.Addr] = struct{}{}
 				eps = append(eps, src[i].ep)
@@ -255,7 +287,9 @@ func (r *grpcResolver) pushLocked() {
 		}
 	} else {
 		for i := range src {
-			eps = append(eps, src[i].ep)
+			if src[i].keep {
+				eps = append(eps, src[i].ep)
+			}
 		}
 	}
 	if r.known && sameEndpoints(r.last, eps) {
@@ -334,6 +368,10 @@ func (r *grpcResolver) relistLoop() {
 }
 
 func (r *grpcResolver) onRelist(list []registry.Instance) {
+	keep := make([]bool, len(list))
+	for i, in := range list {
+		keep[i] = r.keep(in)
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.watchOK {
@@ -344,7 +382,7 @@ func (r *grpcResolver) onRelist(list []registry.Instance) {
 		if j, ok := find(r.view, in.ID); ok && r.view[j].in.Equal(in) {
 			es[i] = r.view[j]
 		} else {
-			es[i] = newEntry(in)
+			es[i] = newEntry(in, keep[i])
 		}
 	}
 	r.override = es

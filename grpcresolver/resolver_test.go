@@ -495,6 +495,10 @@ func TestSplitTarget(t *testing.T) {
 		{"mem://demo/user.rpc", "mem://demo", "user.rpc"},
 		{"k8s://default/user:8080", "k8s://default", "user:8080"},
 		{"consul://u:p@h:8500/user.rpc?token=t", "consul://u:p@h:8500?token=t", "user.rpc"},
+		{"etcd://h:2379/user.rpc?ttl=5s&meta.version=v2", "etcd://h:2379?ttl=5s", "user.rpc"},
+		{"etcd://h:2379/user.rpc?meta.version=v2&meta.canary=true", "etcd://h:2379", "user.rpc"},
+		{"etcd://h:2379/user.rpc?ttl=5s&x=meta.y", "etcd://h:2379?ttl=5s&x=meta.y", "user.rpc"},
+		{"etcd://h:2379/user.rpc?ttl=5s&meta.version=v2&dial-timeout=1s", "etcd://h:2379?ttl=5s&dial-timeout=1s", "user.rpc"},
 	} {
 		reg, svc, err := grpcresolver.SplitTarget(tc.target)
 		if err != nil || reg != tc.reg || svc != tc.service {

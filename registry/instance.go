@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"unicode"
@@ -67,6 +68,16 @@ func (in Instance) Zone() string { return in.Metadata[MetaZone] }
 
 // Version returns Metadata[MetaVersion].
 func (in Instance) Version() string { return in.Metadata[MetaVersion] }
+
+// MatchMetadata returns a predicate that keeps the instances whose
+// Metadata[key] is one of values ("" matches an instance without key), for
+// the filters of package grpcresolver and package selector:
+//
+//	registry.MatchMetadata(registry.MetaVersion, "v2")
+func MatchMetadata(key string, values ...string) func(Instance) bool {
+	values = slices.Clone(values)
+	return func(in Instance) bool { return slices.Contains(values, in.Metadata[key]) }
+}
 
 // Key returns the instance's identity within its service: ID, or Addr when ID
 // is empty.

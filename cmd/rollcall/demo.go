@@ -22,7 +22,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/rollcall-go/rollcall/backends/etcd"
-	_ "github.com/rollcall-go/rollcall/grpcresolver" // etcd:// targets for grpc.NewClient
+	"github.com/rollcall-go/rollcall/grpcresolver" // etcd:// targets for grpc.NewClient, weighted policy
 	"github.com/rollcall-go/rollcall/registry"
 )
 
@@ -112,7 +112,8 @@ func runDemo(ctx context.Context, w io.Writer, s demoSchedule) (err error) {
 	d := &demo{s: s, w: w, start: time.Now(), servers: map[string]*demoServer{},
 		quiet: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	fmt.Fprintf(w, "rollcall demo: gRPC servers register in etcd; a gRPC client finds them through etcd:// and\n"+
-		"balances its calls across them, through a crash and a registry outage. About %v.\n"+
+		"balances its calls across them, through a crash and a registry outage; then a second\n"+
+		"client balances by the servers' weights. About %v.\n"+
 		"Lines starting with \"etcd:\" are what a watcher of the registry sees; \"calls:\" lines count\n"+
 		"the client's calls since the previous one, by the server that answered.\n\n", s.total().Round(time.Second))
 
@@ -223,6 +224,12 @@ func runDemo(ctx context.Context, w io.Writer, s demoSchedule) (err error) {
 	if !d.sleep(ctx, s.After) {
 		return ctx.Err()
 	}
+
+	d.section("server-4's weight becomes 3; a second client balances by weight")
+	phases.weighted = d.weights(ctx, target, srv4)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
 	stopCalls()
 	stopWatch()
 	wg.Wait()
@@ -230,6 +237,63 @@ func runDemo(ctx context.Context, w io.Writer, s demoSchedule) (err error) {
 	d.section("done")
 	d.summary(phases)
 	return nil
+}
+
+// weightedCalls is how many calls the weighted client makes.
+const weightedCalls = 500
+
+// weights sets srv4's weight to 3 in etcd and makes weightedCalls calls
+// through a second client with the rollcall_weighted_round_robin policy,
+// while the first client goes on with round_robin. It returns the second
+// client's calls per server, or "" if it could not make them.
+func (d *demo) weights(ctx context.Context, target string, srv4 *demoServer) string {
+	uctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := srv4.rr.Update(uctx, registry.Instance{Service: demoService, ID: srv4.name, Addr: srv4.addr,
+		Metadata: map[string]string{registry.MetaVersion: "1.0", registry.MetaWeight: "3"}}); err != nil {
+		d.say("updating server-4's weight: %v", err)
+		return ""
+	}
+	d.say("server-4: Registration.Update with weight=3 (server-1 and server-3 have the default, 1)")
+	b := grpcresolver.NewBuilder("etcd", grpcresolver.WithServiceConfig(grpcresolver.WeightedServiceConfig))
+	conn, err := grpc.NewClient(target, grpc.WithResolvers(b), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		d.say("second client: %v", err)
+		return ""
+	}
+	defer conn.Close()
+	d.say("second client: grpc.NewClient(%q) with the service config %s", target, grpcresolver.WeightedServiceConfig)
+	call := func() string {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		in, out := []byte("rollcall"), []byte(nil)
+		if err := conn.Invoke(cctx, "/demo.Greeter/Hello", &in, &out, grpc.ForceCodec(rawCodec{})); err != nil {
+			return ""
+		}
+		return strings.TrimPrefix(string(out), "hello from ")
+	}
+	// Until each server has answered once, its connection may still be
+	// coming up (and its share go to the others).
+	seen := map[string]bool{}
+	for deadline := time.Now().Add(d.s.Wait); len(seen) < 3 && time.Now().Before(deadline) && ctx.Err() == nil; {
+		if srv := call(); srv != "" {
+			seen[srv] = true
+		}
+	}
+	st := callStats{by: map[string]int{}}
+	from := time.Now()
+	for range weightedCalls {
+		if srv := call(); srv != "" {
+			st.ok++
+			st.by[srv]++
+		} else {
+			st.failed++
+		}
+	}
+	rr := d.stats(from, time.Now())
+	d.say("second client, %d calls in a row: %s (%d failed)", weightedCalls, st.perServer(), st.failed)
+	d.say("first client, round robin, meanwhile: %s", rr.perServer())
+	return st.perServer()
 }
 
 // sawEvent reports whether the narrator saw an event of kind since t.
@@ -579,6 +643,7 @@ func (st callStats) perServer() string {
 // demoPhases are the moments of the demo.
 type demoPhases struct {
 	warmup, crash, crashGone, outage, back, fresh, newServer, firstCall, end time.Time
+	weighted                                                                 string // the weighted client's calls per server
 }
 
 func (d *demo) summary(p *demoPhases) {
@@ -636,6 +701,11 @@ func (d *demo) summary(p *demoPhases) {
 		}
 	} else {
 		fmt.Fprintf(&b, "  5. server-4 registered but got no call before the end.\n")
+	}
+	if p.weighted != "" {
+		fmt.Fprintf(&b, "  6. server-4's weight became 3 in etcd. A client with rollcall_weighted_round_robin\n"+
+			"     sent it 3 of every 5 calls (%s); the round-robin client went\n"+
+			"     on spreading evenly.\n", p.weighted)
 	}
 	d.outMu.Lock()
 	defer d.outMu.Unlock()

@@ -46,6 +46,8 @@ func TestDemo(t *testing.T) {
 		"etcd dropped server-2",
 		"4. etcd came back with its data; the watches resynced",
 		"5. server-4 registered and got its first call",
+		"== server-4's weight becomes 3; a second client balances by weight ==",
+		"6. server-4's weight became 3 in etcd",
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("the demo did not say %q", want)
@@ -62,6 +64,12 @@ func TestDemo(t *testing.T) {
 	}
 	if n, _ := strconv.Atoi(m[1]); n == 0 || m[3] != "0" {
 		t.Errorf("during the outage: %s calls, %s failed; want some, none failed", m[1], m[3])
+	}
+	// The weighted client sent server-4 (weight 3) 3 of every 5 calls.
+	if m := regexp.MustCompile(`second client, 500 calls in a row: server-1:(\d+)  server-3:(\d+)  server-4:(\d+) \(0 failed\)`).FindStringSubmatch(text); m == nil {
+		t.Error("no account of the weighted client's calls over server-1, 3 and 4")
+	} else if n, _ := strconv.Atoi(m[3]); n < 270 || n > 330 {
+		t.Errorf("the weighted client sent server-4 (weight 3 of 5) %d of 500 calls: %v", n, m[0])
 	}
 	// And the last report shows server-4 serving next to the survivors.
 	reports := regexp.MustCompile(`calls: .*`).FindAllString(text, -1)
