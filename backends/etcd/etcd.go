@@ -307,6 +307,9 @@ func New(cli *clientv3.Client, opts *Options) (registry.Registry, error) {
 	if cli == nil {
 		return nil, errors.New("etcd: New with nil client")
 	}
+	if opts != nil && opts.Layout != "" && !opts.Layout.valid() {
+		return nil, fmt.Errorf("etcd: New: layout %q is not one of rollcall, gozero, kratos", opts.Layout)
+	}
 	return newRegistry(cli, nil, opts)
 }
 

@@ -116,13 +116,17 @@ func TestKratosLayoutReadsKratosInstances(t *testing.T) {
 
 // TestGoZeroLayoutRefusesMetadata: go-zero's values are the address alone,
 // so an instance with metadata is an ErrInvalidInstance, not registered,
-// never retried, nothing written.
+// never retried, nothing written. (And New refuses a layout it does not
+// know.)
 func TestGoZeroLayoutRefusesMetadata(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	srv := provider.StartEtcd(t)
 	admin := newClient(t, srv.Endpoint())
 	defer admin.Close()
+	if _, err := etcd.New(admin, &etcd.Options{Layout: "go-zero"}); err == nil {
+		t.Fatal(`New with Layout "go-zero" (not a layout) did not fail`)
+	}
 	r, err := etcd.New(admin, &etcd.Options{Layout: etcd.LayoutGoZero})
 	if err != nil {
 		t.Fatal(err)
