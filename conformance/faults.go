@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"runtime"
 	"slices"
 	"strconv"
@@ -145,7 +146,7 @@ func both(checks ...func(record) error) func(record) error {
 func testOutageLongerThanTTL(t *testing.T, h Harness) {
 	svc := service("outage")
 	r1, r2 := open(t, h), open(t, h)
-	regs := []*registry.Registration{register(t, r1, inst(svc, "a", 9001)), register(t, r2, inst(svc, "b", 9002))}
+	regs := []*registry.Registration{register(t, r1, instFor(h, svc, "a", 9001)), register(t, r2, instFor(h, svc, "b", 9002))}
 	f := follow(t, open(t, h), svc)
 	f.waitFresh(settle, "a", "b")
 	mark := f.mark()
@@ -183,7 +184,7 @@ func afterMark(mark int, check func(record) error) func(record) error {
 func testIdleWatcherStaysFresh(t *testing.T, h Harness) {
 	svc := service("idle")
 	r := open(t, h)
-	reg := register(t, r, inst(svc, "a", 9001))
+	reg := register(t, r, instFor(h, svc, "a", 9001))
 	fs := []*follower{follow(t, open(t, h), svc), follow(t, r, svc)}
 	for _, f := range fs {
 		f.waitFresh(settle, "a")
@@ -208,7 +209,7 @@ func testIdleWatcherStaysFresh(t *testing.T, h Harness) {
 func testWatchStartedWhileDown(t *testing.T, h Harness) {
 	svc := service("startdown")
 	r0 := open(t, h)
-	regs := []*registry.Registration{register(t, r0, inst(svc, "a", 9001))}
+	regs := []*registry.Registration{register(t, r0, instFor(h, svc, "a", 9001))}
 	for _, stop := range []bool{true, false} {
 		o := down(t, h, stop)
 		ctx, cancel := context.WithTimeout(context.Background(), downBound)
@@ -258,7 +259,7 @@ type call struct {
 func testCallsFailFast(t *testing.T, h Harness) {
 	svc := service("failfast")
 	r := open(t, h)
-	register(t, r, inst(svc, "warm", 9001))
+	register(t, r, instFor(h, svc, "warm", 9001))
 	if err := r.Ping(ctxT(t)); err != nil {
 		t.Fatalf("Ping: %v", err)
 	}
@@ -283,7 +284,7 @@ func testCallsFailFast(t *testing.T, h Harness) {
 				op string
 				fn func() error
 			}{
-				{"Register", func() error { _, err := c.r.Register(context.Background(), inst(svc, id, 9002)); return err }},
+				{"Register", func() error { _, err := c.r.Register(context.Background(), instFor(h, svc, id, 9002)); return err }},
 				{"Lookup", func() error { _, err := c.r.Lookup(context.Background(), svc); return err }},
 				{"Ping", func() error { return c.r.Ping(context.Background()) }},
 			}
@@ -336,10 +337,10 @@ func testCallsFailFast(t *testing.T, h Harness) {
 func testDeregisterDuringOutage(t *testing.T, h Harness) {
 	svc := service("deregdown")
 	r1, r2 := open(t, h), open(t, h)
-	a := register(t, r1, inst(svc, "a", 9001))
-	register(t, r1, inst(svc, "b", 9002)) // keeps r1's lease or session in use
-	c := register(t, r2, inst(svc, "c", 9003))
-	register(t, r2, inst(svc, "d", 9004))
+	a := register(t, r1, instFor(h, svc, "a", 9001))
+	register(t, r1, instFor(h, svc, "b", 9002)) // keeps r1's lease or session in use
+	c := register(t, r2, instFor(h, svc, "c", 9003))
+	register(t, r2, instFor(h, svc, "d", 9004))
 	obs := open(t, h)
 	f := follow(t, obs, svc)
 	f.waitFresh(settle, "a", "b", "c", "d")
@@ -415,7 +416,7 @@ func testCloseBoundedWhilePaused(t *testing.T, h Harness) {
 	t.Cleanup(func() { _ = r.Close() }) // also when the subtest stops early (Close is idempotent)
 	var regs []*registry.Registration
 	for i, id := range []string{"a", "b", "c"} {
-		regs = append(regs, register(t, r, inst(svc, id, 9001+i)))
+		regs = append(regs, register(t, r, instFor(h, svc, id, 9001+i)))
 	}
 	var ws []*registry.Watcher
 	for _, s := range []string{svc, service("closepaused-other")} {
@@ -432,9 +433,7 @@ func testCloseBoundedWhilePaused(t *testing.T, h Harness) {
 	o := down(t, h, false)
 	updated := make(chan error, 1)
 	go func() {
-		in := inst(svc, "a", 9001)
-		in.Metadata[registry.MetaVersion] = "v2"
-		updated <- regs[0].Update(context.Background(), in)
+		updated <- regs[0].Update(context.Background(), changed(h, instFor(h, svc, "a", 9001)))
 	}()
 	// Give the Update a head start so that it is in flight when Close
 	// starts (whichever runs first, both must return in time).
@@ -493,10 +492,10 @@ func testDuplicateID(t *testing.T, h Harness) {
 	r := open(t, h)
 	f := follow(t, open(t, h), svc)
 	f.waitFresh(settle)
-	first := register(t, r, inst(svc, "one", 7001))
+	first := register(t, r, instFor(h, svc, "one", 7001))
 	f.waitFresh(settle, "one")
 	for _, port := range []int{7001, 7002} {
-		if _, err := r.Register(ctxT(t), inst(svc, "one", port)); !errors.Is(err, registry.ErrConflict) {
+		if _, err := r.Register(ctxT(t), instFor(h, svc, "one", port)); !errors.Is(err, registry.ErrConflict) {
 			t.Fatalf("second Register of a live (service, ID) in one Registry at port %d: error %v; want ErrConflict", port, err)
 		}
 	}
@@ -510,8 +509,8 @@ func testDuplicateID(t *testing.T, h Harness) {
 	// Two registrars, one ID, two addresses.
 	r1, r2 := open(t, h), open(t, h)
 	mark := f.mark()
-	reg1 := register(t, r1, inst(svc, "same", 7101))
-	reg2, err2 := r2.Register(ctxT(t), inst(svc, "same", 7102))
+	reg1 := register(t, r1, instFor(h, svc, "same", 7101))
+	reg2, err2 := r2.Register(ctxT(t), instFor(h, svc, "same", 7102))
 	if err2 != nil && !errors.Is(err2, registry.ErrConflict) {
 		t.Fatalf("Register of an ID another registrar holds at another address: %v; want success or ErrConflict", err2)
 	}
@@ -585,10 +584,23 @@ func testBurstMixed(t *testing.T, h Harness) {
 		return 0
 	}
 	removed := func(i int) bool { return i%2 == 1 }
+	// The value of ID i at its rev-th write: rev in the metadata, or, where
+	// the registry stores an address only, in the port.
 	value := func(i, rev int) registry.Instance {
-		in := inst(svc, ids[i], 20000+i)
+		if addressOnly(h) {
+			return instFor(h, svc, ids[i], 20000+3*i+rev)
+		}
+		in := instFor(h, svc, ids[i], 20000+i)
 		in.Metadata["rev"] = strconv.Itoa(rev)
 		return in
+	}
+	revOf := func(i int, in registry.Instance) (int, error) {
+		if addressOnly(h) {
+			_, port, _ := net.SplitHostPort(in.Addr)
+			p, err := strconv.Atoi(port)
+			return p - 20000 - 3*i, err
+		}
+		return strconv.Atoi(in.Metadata["rev"])
 	}
 	index := map[string]int{}
 	for i, id := range ids {
@@ -609,7 +621,7 @@ func testBurstMixed(t *testing.T, h Harness) {
 			if !ok {
 				return 0, fmt.Errorf("unknown instance %v", in)
 			}
-			rev, err := strconv.Atoi(in.Metadata["rev"])
+			rev, err := revOf(i, in)
 			if err != nil || rev < 0 || rev > updates(i) || !in.Equal(value(i, rev)) {
 				return 0, fmt.Errorf("%v was never written", in)
 			}
@@ -774,7 +786,7 @@ func testFreezeNeverShrinks(t *testing.T, h Harness) {
 		if i >= 3 {
 			r = r2
 		}
-		regs = append(regs, register(t, r, inst(svc, id, 9001+i)))
+		regs = append(regs, register(t, r, instFor(h, svc, id, 9001+i)))
 	}
 	f := follow(t, open(t, h), svc)
 	f.waitFresh(settle, all...)
@@ -829,7 +841,7 @@ func testNamespaceIsolation(t *testing.T, h Harness) {
 	}{{"team-a", mk("team-a"), "in-a"}, {"team-ab", mk("team-ab"), "in-ab"}, {"", open(t, h), "in-default"}}
 	fs := make([]*follower, len(spaces))
 	for i, s := range spaces {
-		register(t, s.r, inst(svc, s.id, 9001+i))
+		register(t, s.r, instFor(h, svc, s.id, 9001+i))
 		fs[i] = follow(t, s.r, svc)
 	}
 	for i, s := range spaces {
@@ -840,7 +852,7 @@ func testNamespaceIsolation(t *testing.T, h Harness) {
 	}
 	// Later registrations stay in their namespace too.
 	for i, s := range spaces {
-		register(t, s.r, inst(svc, s.id+"-2", 9101+i))
+		register(t, s.r, instFor(h, svc, s.id+"-2", 9101+i))
 	}
 	for i, s := range spaces {
 		fs[i].waitFresh(settle, s.id, s.id+"-2")
@@ -876,7 +888,7 @@ func testPermissionDenied(t *testing.T, h Harness) {
 			t.Errorf("%s without rights: %v; want an error wrapping ErrPermission and not ErrUnavailable", what, err)
 		}
 	}
-	reg, err := r.Register(ctx, inst(svc, "a", 9001))
+	reg, err := r.Register(ctx, instFor(h, svc, "a", 9001))
 	if err == nil {
 		t.Errorf("Register without rights succeeded: %+v", reg.Status())
 	}
@@ -892,7 +904,7 @@ func testPermissionDenied(t *testing.T, h Harness) {
 	denied("the first Watch update's Err", first.err)
 	// The other clients are not affected.
 	ok2 := open(t, h)
-	register(t, ok2, inst(svc, "b", 9002))
+	register(t, ok2, instFor(h, svc, "b", 9002))
 	if got := lookupIDs(t, ok2, svc); !slices.Equal(got, []string{"b"}) {
 		t.Fatalf("Lookup by a client with rights = %v, want [b]", got)
 	}
@@ -922,7 +934,7 @@ func testNoLeaksAfterFaults(t *testing.T, h Harness) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = r1.Close(); _ = r2.Close() }) // if the test fails early
-	regs := []*registry.Registration{register(t, r1, inst(svc, "a", 9001)), register(t, r1, inst(svc, "b", 9002))}
+	regs := []*registry.Registration{register(t, r1, instFor(h, svc, "a", 9001)), register(t, r1, instFor(h, svc, "b", 9002))}
 	f := follow(t, r2, svc)
 	idle, err := r2.Watch(ctxT(t), svc) // never read: Close must stop it
 	if err != nil {
@@ -944,7 +956,7 @@ func testNoLeaksAfterFaults(t *testing.T, h Harness) {
 			t.Fatal(err)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		if _, err := r3.Register(ctx, inst(svc, "c", 9003)); err == nil {
+		if _, err := r3.Register(ctx, instFor(h, svc, "c", 9003)); err == nil {
 			t.Errorf("Register while the server was %s succeeded", o.what())
 		}
 		cancel()

@@ -122,3 +122,18 @@ func connectionBound(h Harness) bool {
 type ServicesOutliveInstances interface {
 	ServicesOutliveInstances() bool
 }
+
+// AddressOnly is implemented by harnesses whose registry stores an address
+// and nothing else per instance (the etcd backend's go-zero layout:
+// go-zero's values are a plain host:port). The suite then registers
+// instances without metadata, changes their address where it would change
+// their metadata, and skips the subtests about metadata and the cluster
+// properties, saying why.
+type AddressOnly interface {
+	InstancesAreAddressOnly() bool
+}
+
+func addressOnly(h Harness) bool {
+	ao, ok := h.(AddressOnly)
+	return ok && ao.InstancesAreAddressOnly()
+}

@@ -20,9 +20,9 @@ func testServices(t *testing.T, h Harness) {
 		t.Skipf("the backend cannot list services: %v", err)
 	}
 	a, b := service("listed-a"), service("listed-b")
-	register(t, r, inst(a, "1", 9001))
-	register(t, r, inst(a, "2", 9002))
-	rb := register(t, r, inst(b, "1", 9003))
+	register(t, r, instFor(h, a, "1", 9001))
+	register(t, r, instFor(h, a, "2", 9002))
+	rb := register(t, r, instFor(h, b, "1", 9003))
 	// The server may hold other subtests' services: look only at ours.
 	counts := func(reg registry.Registry) (map[string]int, error) {
 		names, err := reg.Services(ctxT(t))

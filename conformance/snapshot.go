@@ -38,7 +38,7 @@ func testColdStartFromSnapshot(t *testing.T, h Harness) {
 	}
 	svc := service("coldstart")
 	r0 := open(t, h)
-	regs := []*registry.Registration{register(t, r0, inst(svc, "a", 9001)), register(t, r0, inst(svc, "b", 9002))}
+	regs := []*registry.Registration{register(t, r0, instFor(h, svc, "a", 9001)), register(t, r0, instFor(h, svc, "b", 9002))}
 
 	// A first client follows the service until its list is exact, then
 	// closes: its snapshot holds a and b.

@@ -55,6 +55,32 @@
 // NewBuilder returns a builder with options (a service config, a registry
 // you already hold, a logger) for grpc.WithResolvers.
 //
+// # One binary with go-zero (or another library that registers etcd://)
+//
+// go-zero's zrpc registers the gRPC schemes direct, discov, etcd and k8s in
+// its init, and so does this package for etcd and k8s. gRPC keeps the last
+// registration of a scheme, so in a binary that links both, which resolver a
+// plain etcd:// or k8s:// target gets depends on the order in which Go
+// initializes the two packages, which follows the import graph. Make the
+// choice explicit:
+//
+//   - rollcall targets use the rollcall+ schemes (SchemePrefix), which only
+//     this package registers: rollcall+etcd://h:2379/user.rpc,
+//     rollcall+k8s://namespace/service:port. Or give the channel its resolver:
+//     grpc.WithResolvers(grpcresolver.NewBuilder("etcd")) wins over the
+//     global registry for that channel.
+//   - Plain etcd:// and k8s:// are decided by the main package's init, which
+//     runs after the init of every package it imports: call go-zero's
+//     zrpc/resolver.Register() there to keep them go-zero's (zrpc clients
+//     configured with Etcd build etcd:///hosts?key=KEY targets, which only
+//     go-zero's resolver reads), or grpcresolver.Register("etcd") to make
+//     them rollcall's.
+//
+// A rollcall client reads the registrations of go-zero servers with the
+// etcd backend's go-zero layout: rollcall+etcd://h:2379/user.rpc?layout=gozero
+// resolves what a go-zero server with Etcd.Key user.rpc publishes; a
+// rollcall server registered with layout=gozero is found by zrpc clients.
+//
 // # What the resolver pushes
 //
 // Each update is a complete resolver.State with one Endpoint per instance
@@ -190,12 +216,25 @@ import (
 )
 
 // KnownSchemes are the schemes registered with gRPC by this package's init:
-// those of the backends rollcall ships.
+// those of the backends rollcall ships. Each is registered twice: as it is
+// (etcd) and with SchemePrefix (rollcall+etcd).
 var KnownSchemes = []string{"etcd", "mem", "consul", "nacos", "k8s", "static"}
+
+// SchemePrefix makes the collision-free name under which this package's
+// init also registers each known scheme: a target rollcall+etcd://h:2379/user.rpc
+// resolves as etcd://h:2379/user.rpc does, through rollcall, whatever else
+// the binary links. Other libraries register plain etcd and k8s too
+// (go-zero's zrpc does, in its init), and gRPC keeps the last registration
+// of a scheme, so in such a binary which library a plain etcd:// target
+// gets depends on the order of the two packages' inits; a rollcall+ scheme
+// is registered by this package only. SplitTarget drops the prefix from the
+// registry URL.
+const SchemePrefix = "rollcall+"
 
 func init() {
 	for _, s := range KnownSchemes {
 		Register(s)
+		Register(SchemePrefix + s)
 	}
 }
 
@@ -334,6 +373,7 @@ var ErrInvalidTarget = errors.New("grpcresolver: invalid target")
 // except the target's own parameters (meta.KEY=VALUE, see Filters).
 //
 //	SplitTarget("etcd://h:2379/team-a/user.rpc?ttl=5s&meta.version=v2") = "etcd://h:2379/team-a?ttl=5s", "user.rpc"
+//	SplitTarget("rollcall+etcd://h:2379/user.rpc") = "etcd://h:2379", "user.rpc"
 func SplitTarget(target string) (registryURL, service string, err error) {
 	u, err := url.Parse(target)
 	if err != nil {
@@ -445,6 +485,7 @@ func splitPath(u *url.URL) (string, string, error) {
 		return "", "", fmt.Errorf("%w: %q: %w", ErrInvalidTarget, registry.RedactURL(u), err)
 	}
 	r := *u
+	r.Scheme = strings.TrimPrefix(r.Scheme, SchemePrefix)
 	r.Path, r.RawPath, r.Fragment, r.RawFragment = u.Path[:i], "", "", ""
 	if r.Path == "" && r.Host == "" {
 		r.Path = "/" // scheme:///service opens scheme:///, not scheme:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -499,6 +500,8 @@ func TestSplitTarget(t *testing.T) {
 		{"etcd://h:2379/user.rpc?meta.version=v2&meta.canary=true", "etcd://h:2379", "user.rpc"},
 		{"etcd://h:2379/user.rpc?ttl=5s&x=meta.y", "etcd://h:2379?ttl=5s&x=meta.y", "user.rpc"},
 		{"etcd://h:2379/user.rpc?ttl=5s&meta.version=v2&dial-timeout=1s", "etcd://h:2379?ttl=5s&dial-timeout=1s", "user.rpc"},
+		{"rollcall+etcd://h:2379/team-a/user.rpc?layout=gozero", "etcd://h:2379/team-a?layout=gozero", "user.rpc"},
+		{"rollcall+k8s://default/user:8080", "k8s://default", "user:8080"},
 	} {
 		reg, svc, err := grpcresolver.SplitTarget(tc.target)
 		if err != nil || reg != tc.reg || svc != tc.service {
@@ -514,10 +517,25 @@ func TestSplitTarget(t *testing.T) {
 
 func TestKnownSchemesAreRegisteredWithGRPC(t *testing.T) {
 	for _, s := range grpcresolver.KnownSchemes {
-		if b := resolver.Get(s); b == nil || b.Scheme() != s {
-			t.Errorf("scheme %q: gRPC has builder %v", s, b)
+		for _, name := range []string{s, grpcresolver.SchemePrefix + s} {
+			if b := resolver.Get(name); b == nil || b.Scheme() != name {
+				t.Errorf("scheme %q: gRPC has builder %v", name, b)
+			}
 		}
 	}
+}
+
+// TestPrefixedSchemeResolvesAsThePlainOne: a rollcall+mem:// target reaches
+// the instances that the same mem:// registry holds.
+func TestPrefixedSchemeResolvesAsThePlainOne(t *testing.T) {
+	e := newMemEnv(t)
+	reg := e.NewRegistry(t, 15*time.Second)
+	register(t, reg, registry.Instance{Service: "svc", ID: "a", Addr: "127.0.0.1:1000"})
+	u := e.URL()
+	b := resolver.Get(grpcresolver.SchemePrefix + schemeOf(u))
+	cc := &recordingCC{}
+	build(t, b, grpcresolver.SchemePrefix+u+"/svc", cc, resolver.BuildOptions{})
+	waitFor(t, 10*time.Second, "instance a", func() bool { return slices.Equal(cc.ids(), []string{"a"}) })
 }
 
 func TestNewBuilderPanicsOnBadScheme(t *testing.T) {

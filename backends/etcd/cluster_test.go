@@ -27,6 +27,9 @@ var _ conformance.ClusterMaker = (*harness)(nil)
 // properties run in the child-process pass, and a container per member
 // would add minutes for nothing new.
 func (h *harness) MakeCluster(ctx context.Context, t *testing.T) (conformance.Cluster, error) {
+	if h.layout != "" {
+		return nil, fmt.Errorf("%w: the cluster properties run with the default layout (a layout is only the codec of keys and values; the machinery they test is the same)", conformance.ErrUnsupported)
+	}
 	if provider.Containers(t) {
 		return nil, fmt.Errorf("%w: the cluster properties run in the child-process pass (ROLLCALL_TEST_SERVERS unset)", conformance.ErrUnsupported)
 	}

@@ -19,9 +19,10 @@ import (
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 type harness struct {
-	t     *testing.T
-	srv   provider.Etcd // a child process, or a container (ROLLCALL_TEST_SERVERS=containers)
-	admin *clientv3.Client
+	t      *testing.T
+	layout etcd.Layout   // "" for the default (rollcall's)
+	srv    provider.Etcd // a child process, or a container (ROLLCALL_TEST_SERVERS=containers)
+	admin  *clientv3.Client
 
 	secured provider.Etcd // a second server, with authentication on, made by MakeRestrictedRegistry
 }
@@ -29,7 +30,11 @@ type harness struct {
 var (
 	_ conformance.NamespaceMaker  = (*harness)(nil)
 	_ conformance.RestrictedMaker = (*harness)(nil)
+	_ conformance.AddressOnly     = (*harness)(nil)
 )
+
+// InstancesAreAddressOnly: go-zero's values are a plain host:port.
+func (h *harness) InstancesAreAddressOnly() bool { return h.layout == etcd.LayoutGoZero }
 
 // clientRegistry is a Registry made with etcd.New that also closes the
 // client it was given, as a process that exits would.
@@ -61,14 +66,43 @@ func newClient(t testing.TB, ep string) *clientv3.Client {
 }
 
 func newHarness(ctx context.Context, t *testing.T) (conformance.Harness, error) {
-	srv := provider.StartEtcd(t)
-	h := &harness{t: t, srv: srv, admin: newClient(t, srv.Endpoint())}
-	return h, nil
+	return newLayoutHarness("")(ctx, t)
+}
+
+// newLayoutHarness makes harnesses whose registries use layout.
+func newLayoutHarness(layout etcd.Layout) conformance.HarnessMaker {
+	return func(ctx context.Context, t *testing.T) (conformance.Harness, error) {
+		if layout != "" && provider.Containers(t) {
+			t.Skip("the layouts run in the child-process pass (ROLLCALL_TEST_SERVERS unset): a layout is a codec, the server is the same")
+		}
+		srv := provider.StartEtcd(t)
+		return &harness{t: t, layout: layout, srv: srv, admin: newClient(t, srv.Endpoint())}, nil
+	}
+}
+
+// dir is the key directory of service in the harness's layout.
+func (h *harness) dir(service string) string {
+	switch h.layout {
+	case etcd.LayoutGoZero:
+		return etcd.DefaultGoZeroPrefix + service + "/"
+	case etcd.LayoutKratos:
+		return etcd.DefaultKratosPrefix + service + "/"
+	}
+	return etcd.DefaultPrefix + service + "/"
+}
+
+// query is the layout parameter of the harness's URLs ("&layout=..."), empty
+// for the default layout.
+func (h *harness) query() string {
+	if h.layout == "" {
+		return ""
+	}
+	return "&layout=" + string(h.layout)
 }
 
 func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry.Registry, error) {
 	cli := newClient(h.t, h.srv.Endpoint())
-	r, err := etcd.New(cli, &etcd.Options{TTL: ttl})
+	r, err := etcd.New(cli, &etcd.Options{TTL: ttl, Layout: h.layout})
 	if err != nil {
 		return nil, err
 	}
@@ -78,7 +112,7 @@ func (h *harness) MakeRegistry(ctx context.Context, ttl time.Duration) (registry
 // MakeRegistryIn makes a registry whose URL path is the namespace: its
 // keys live under /rollcall/<namespace>/.
 func (h *harness) MakeRegistryIn(ctx context.Context, ttl time.Duration, namespace string) (registry.Registry, error) {
-	return registry.Open(ctx, "etcd://"+h.srv.Endpoint()+"/"+url.PathEscape(namespace)+"?ttl="+ttl.String())
+	return registry.Open(ctx, "etcd://"+h.srv.Endpoint()+"/"+url.PathEscape(namespace)+"?ttl="+ttl.String()+h.query())
 }
 
 // MakeRestrictedRegistry makes a registry that logs in as a user whose only
@@ -90,7 +124,7 @@ func (h *harness) MakeRestrictedRegistry(ctx context.Context, ttl time.Duration)
 		h.secured = provider.StartEtcd(h.t)
 		enableAuth(h.t, h.secured.Endpoint(), "rootpw", "nobodypw")
 	}
-	return registry.Open(ctx, "etcd://nobody:nobodypw@"+h.secured.Endpoint()+"/?ttl="+ttl.String())
+	return registry.Open(ctx, "etcd://nobody:nobodypw@"+h.secured.Endpoint()+"/?ttl="+ttl.String()+h.query())
 }
 
 // Crash closes the client under the registry first, so nothing is revoked.
@@ -103,7 +137,7 @@ func (h *harness) Crash(r registry.Registry) error {
 
 func (h *harness) URLs() (string, []string) {
 	ep := h.srv.Endpoint()
-	return "etcd://" + ep + "/?ttl=2s", []string{
+	return "etcd://" + ep + "/?ttl=2s" + h.query(), []string{
 		"etcd:///?ttl=2s",
 		"etcd://" + ep + "/?ttl=banana",
 		"etcd://" + ep + "/?ttl=0s",
@@ -115,6 +149,8 @@ func (h *harness) URLs() (string, []string) {
 		"etcd://" + ep + "/?ca=/nonexistent/ca.pem",
 		"etcd://root:s3cret@" + ep + "/?bogus=1",
 		"etcd://root:hunter2@127.0.0.1:x:y/",
+		"etcd://" + ep + "/?layout=zookeeper",
+		"etcd://" + ep + "/?kratos-scheme=grpc",
 	}
 }
 
@@ -143,20 +179,41 @@ func (h *harness) RevokeLeases(ctx context.Context) error {
 }
 
 func (h *harness) DeleteInstance(ctx context.Context, service, id string) error {
-	_, err := h.admin.Delete(ctx, etcd.DefaultPrefix+service+"/"+id)
+	_, err := h.admin.Delete(ctx, h.dir(service)+id)
 	return err
 }
 
 func (h *harness) WriteGarbage(ctx context.Context, service string) error {
-	dir := etcd.DefaultPrefix + service + "/"
-	for k, v := range map[string]string{
+	dir := h.dir(service)
+	garbage := map[string]string{
 		dir + "not-json":    "{{{",
 		dir + "bad-addr":    `{"Addr":"nowhere"}`,
 		dir + "empty":       ``,
 		dir + "nested/deep": `{"Addr":"127.0.0.1:1"}`,
 		dir + "bad id!":     `{"Addr":"127.0.0.1:1"}`,
 		dir + "weight":      `{"Addr":"127.0.0.1:1","Metadata":{"weight":"lots"}}`,
-	} {
+	}
+	switch h.layout {
+	case etcd.LayoutGoZero:
+		garbage = map[string]string{
+			dir + "bad-addr":    "nowhere",
+			dir + "empty":       "",
+			dir + "nested/deep": "127.0.0.1:1",
+			dir + "bad id!":     "127.0.0.1:1",
+			dir + "json":        `{"Addr":"127.0.0.1:1"}`,
+		}
+	case etcd.LayoutKratos:
+		garbage = map[string]string{
+			dir + "not-json":      "{{{",
+			dir + "empty":         ``,
+			dir + "bad-addr":      `{"id":"bad-addr","name":"` + service + `","endpoints":["grpc://nowhere"]}`,
+			dir + "http-only":     `{"id":"http-only","name":"` + service + `","endpoints":["http://127.0.0.1:1"]}`,
+			dir + "other-service": `{"id":"other-service","name":"x` + service + `","endpoints":["grpc://127.0.0.1:1"]}`,
+			dir + "nested/deep":   `{"id":"deep","name":"` + service + `","endpoints":["grpc://127.0.0.1:1"]}`,
+			dir + "weight":        `{"id":"weight","name":"` + service + `","metadata":{"weight":"lots"},"endpoints":["grpc://127.0.0.1:1"]}`,
+		}
+	}
+	for k, v := range garbage {
 		if _, err := h.admin.Put(ctx, k, v); err != nil {
 			return err
 		}
@@ -168,4 +225,18 @@ func (h *harness) Close() { h.admin.Close() }
 
 func TestConformance(t *testing.T) {
 	conformance.RunConformanceTests(t, newHarness)
+}
+
+// TestConformanceGoZeroLayout runs the suite on go-zero's keys and values,
+// which hold an address only: the suite registers no metadata and skips
+// what is about metadata (AddressOnly).
+func TestConformanceGoZeroLayout(t *testing.T) {
+	conformance.RunConformanceTests(t, newLayoutHarness(etcd.LayoutGoZero))
+}
+
+// TestConformanceKratosLayout runs the suite on kratos' keys and values
+// (the cluster properties run with the default layout only: a layout is a
+// codec, the machinery they test is the same).
+func TestConformanceKratosLayout(t *testing.T) {
+	conformance.RunConformanceTests(t, newLayoutHarness(etcd.LayoutKratos))
 }

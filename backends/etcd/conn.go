@@ -148,13 +148,15 @@ func isPermission(err error) bool {
 
 // classify wraps an error of a call to etcd for the shared layer:
 // authentication and authorization failures as registry.ErrPermission,
-// context errors unchanged, errors already classified as they are, and
+// context errors unchanged, errors already classified (and instances the
+// layout cannot store, registry.ErrInvalidInstance) as they are, and
 // everything else as registry.ErrUnavailable.
 func classify(err error) error {
 	switch {
 	case err == nil:
 		return nil
-	case errors.Is(err, registry.ErrUnavailable), errors.Is(err, registry.ErrPermission), errors.Is(err, registry.ErrConflict):
+	case errors.Is(err, registry.ErrUnavailable), errors.Is(err, registry.ErrPermission), errors.Is(err, registry.ErrConflict),
+		errors.Is(err, registry.ErrInvalidInstance): // an instance the layout cannot store
 		return err
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return err

@@ -3,13 +3,60 @@
 //
 // URL form:
 //
-//	etcd://[user:password@]host1:2379[,host2:2379...]/[prefix]?ttl=10s&tls=true&ca=ca.pem&cert=c.pem&key=k.pem&dial-timeout=3s
+//	etcd://[user:password@]host1:2379[,host2:2379...]/[prefix]?ttl=10s&tls=true&ca=ca.pem&cert=c.pem&key=k.pem&dial-timeout=3s&layout=rollcall
 //
 // Parameters: ttl (lease TTL, default 10s), tls (use TLS; implied by ca,
 // cert or key), ca, cert, key (PEM file paths), dial-timeout (how long one
 // connection attempt, its TCP, TLS and HTTP/2 handshakes, and logging in
-// may take; default 3s). Unknown parameters are rejected. The password
+// may take; default 3s), layout (rollcall, gozero or kratos: see Layouts;
+// default rollcall), kratos-scheme (layout=kratos only: the endpoint
+// scheme, default grpc). Unknown parameters are rejected. The password
 // never appears in errors or logs. Open does not dial: use Ping.
+//
+// # Layouts
+//
+// The layout (Options.Layout, URL parameter layout) says where the keys of
+// a service live and what their values hold, so that rollcall shares the
+// registrations of go-zero and kratos services: it reads theirs, and they
+// find rollcall's. Only the codec of keys and values differs; leases,
+// ownership, guards and watches are the same in every layout.
+//
+//	layout    key                            value
+//	rollcall  /rollcall/[prefix/]SERVICE/ID  {"Addr":"host:port","Metadata":{...}}
+//	gozero    [prefix/]SERVICE/ID            host:port
+//	kratos    /NAMESPACE/SERVICE/ID          {"id":ID,"name":SERVICE,"version":...,"metadata":{...},"endpoints":["grpc://host:port"]}
+//
+// gozero is the layout of go-zero's core/discov: zrpc's Etcd.Key is
+// SERVICE, after the URL path (etcd://h:2379/team-a?layout=gozero reads and
+// writes go-zero's key team-a/user.rpc; a key starting with '/' needs
+// Options.Prefix, from code). discov's Publisher writes KEY/<lease ID in
+// decimal> (KEY/<id> with WithId) holding the address alone, and its
+// Subscriber takes the value of every key under KEY/ as an address. So the
+// instance ID is the key's last segment (go-zero's lease ID), and a rollcall
+// registration writes KEY/<its ID>. A go-zero value holds nothing but the
+// address: registering, or updating to, an instance with metadata fails
+// with an error wrapping registry.ErrInvalidInstance and writes nothing,
+// and instances read have no metadata (no weight, zone or version, and no
+// draining mark, registry.MetaServing). With no prefix the root is the
+// whole key space: Services lists every SERVICE/ID key there.
+//
+// kratos is the layout of kratos' contrib/registry/etcd, whose Registry's
+// default Namespace is /microservices; the URL path replaces it
+// (etcd://h:2379/ns?layout=kratos is Namespace("/ns")). The value is the
+// JSON of kratos' registry.ServiceInstance. Read: Addr is the host:port of
+// the first endpoint whose scheme is kratos-scheme (grpc by default; an
+// instance with none, an HTTP-only one, is skipped with a log line, as is a
+// value of another service name, which kratos' readers skip too); Metadata
+// is kratos' metadata plus its version field under registry.MetaVersion;
+// the other endpoints, and an endpoint's query (isSecure), are not carried.
+// Written: id and name are the instance's ID and service, version is
+// Metadata[registry.MetaVersion] (left out of metadata), metadata the rest,
+// endpoints the one URL kratos-scheme://Addr.
+//
+// Every layout keeps the backend's fence keys (one per lease, written with
+// each withdrawal so that a late retried write cannot bring a withdrawn key
+// back) in the directory .fence under its root, which no service name can
+// be.
 //
 // Connections: a client opened from a URL is set up by Configure. Its unary
 // calls fail at once with the connection's error ("connect: connection
@@ -30,7 +77,14 @@
 // Because every service directory ends with '/', a watch of "user" never sees
 // "user2", and the prefix team-a never sees team-ab. The value is JSON,
 // {"Addr":"10.0.0.7:8080","Metadata":{...}}, the shape of etcd's own
-// naming/endpoints.Endpoint, so etcd's gRPC resolver reads the same keys.
+// naming/endpoints.Endpoint, so etcd's gRPC resolver
+// (go.etcd.io/etcd/client/v3/naming/resolver) reads the same keys: its
+// target is etcd:/// followed by the service directory without its
+// trailing '/', etcd:////rollcall/user.rpc (four slashes: that resolver
+// drops one leading '/' of the path) for service user.rpc of
+// etcd://h:2379, and etcd:////rollcall/team-a/user.rpc with prefix team-a.
+// (This is the default layout, rollcall's; see Layouts for go-zero's and
+// kratos'.)
 // Values that do not decode, or decode to an invalid instance, are skipped
 // with a log line. Registry.Services reads the keys (not the values) under
 // ROOT and lists the SERVICE of every ROOT SERVICE/ID key; the keys of a
@@ -86,7 +140,6 @@ package etcd
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -130,6 +183,16 @@ type Options struct {
 	Logger *slog.Logger
 	// Registry configures the shared layer. Its Logger defaults to Logger.
 	Registry registry.Options
+	// Layout is how instances are stored: LayoutRollcall when empty,
+	// LayoutGoZero or LayoutKratos to share the keys of go-zero or kratos
+	// services. It also sets the default Prefix: DefaultPrefix,
+	// DefaultGoZeroPrefix (empty: go-zero keys have no root) or
+	// DefaultKratosPrefix.
+	Layout Layout
+	// KratosScheme is the scheme of the kratos endpoint an instance's
+	// address is read from and written as (LayoutKratos only);
+	// DefaultKratosScheme ("grpc") when empty.
+	KratosScheme string
 }
 
 func openURL(ctx context.Context, u *url.URL) (registry.Registry, error) {
@@ -164,6 +227,8 @@ func parseURL(u *url.URL) (clientv3.Config, *Options, error) {
 	var cfg clientv3.Config
 	p := registry.NewURLParams(u)
 	opts := &Options{TTL: p.Duration("ttl", driver.DefaultTTL), Logger: slog.Default()}
+	layout := p.String("layout", string(LayoutRollcall))
+	opts.KratosScheme = p.String("kratos-scheme", "")
 	useTLS := p.Bool("tls", false)
 	ca, cert, key := p.String("ca", ""), p.String("cert", ""), p.String("key", "")
 	cfg.DialTimeout = p.Duration("dial-timeout", DefaultDialTimeout)
@@ -172,6 +237,17 @@ func parseURL(u *url.URL) (clientv3.Config, *Options, error) {
 	}
 	if u.Opaque != "" || u.Host == "" {
 		return cfg, nil, badURL(u, "no host")
+	}
+	l, err := layoutOf(layout)
+	if err != nil {
+		return cfg, nil, badURL(u, "%v", err)
+	}
+	opts.Layout = l
+	if opts.KratosScheme != "" && l != LayoutKratos {
+		return cfg, nil, badURL(u, "kratos-scheme is for layout=kratos only")
+	}
+	if opts.KratosScheme != "" && !validScheme(opts.KratosScheme) {
+		return cfg, nil, badURL(u, "kratos-scheme %q is not a URL scheme", opts.KratosScheme)
 	}
 	for _, h := range strings.Split(u.Host, ",") {
 		host, port, err := net.SplitHostPort(h)
@@ -187,7 +263,7 @@ func parseURL(u *url.URL) (clientv3.Config, *Options, error) {
 				return cfg, nil, badURL(u, "prefix %q has an empty or dot segment", prefix)
 			}
 		}
-		opts.Prefix = DefaultPrefix + prefix + "/"
+		opts.Prefix = l.urlPrefix(prefix)
 	}
 	if u.User != nil {
 		cfg.Username = u.User.Username()
@@ -231,6 +307,9 @@ func New(cli *clientv3.Client, opts *Options) (registry.Registry, error) {
 	if cli == nil {
 		return nil, errors.New("etcd: New with nil client")
 	}
+	if opts != nil && opts.Layout != "" && !opts.Layout.valid() {
+		return nil, fmt.Errorf("etcd: New: layout %q is not one of rollcall, gozero, kratos", opts.Layout)
+	}
 	return newRegistry(cli, nil, opts)
 }
 
@@ -246,10 +325,16 @@ func newBackend(cli *clientv3.Client, dial func(context.Context) (*clientv3.Clie
 	if opts != nil {
 		o = *opts
 	}
-	if o.Prefix == "" {
-		o.Prefix = DefaultPrefix
+	if o.Layout == "" {
+		o.Layout = LayoutRollcall
 	}
-	if !strings.HasSuffix(o.Prefix, "/") {
+	if o.Layout == LayoutKratos && o.KratosScheme == "" {
+		o.KratosScheme = DefaultKratosScheme
+	}
+	if o.Prefix == "" {
+		o.Prefix = o.Layout.defaultPrefix()
+	}
+	if o.Prefix != "" && !strings.HasSuffix(o.Prefix, "/") {
 		o.Prefix += "/"
 	}
 	if o.TTL <= 0 {
@@ -268,7 +353,7 @@ func newBackend(cli *clientv3.Client, dial func(context.Context) (*clientv3.Clie
 		o.Registry.Logger = o.Logger
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &backend{cli: cli, dial: dial, opts: o, log: o.Logger, ctx: ctx, cancel: cancel,
+	return &backend{cli: cli, dial: dial, opts: o, codec: newCodec(&o), log: o.Logger, ctx: ctx, cancel: cancel,
 		pubs: map[string]*publication{}, leases: map[clientv3.LeaseID]bool{}, fences: map[clientv3.LeaseID]int64{}, takenBy: map[string]clientv3.LeaseID{}}
 }
 
@@ -277,6 +362,7 @@ type backend struct {
 	cli    *clientv3.Client // nil until connect when dial is set
 	dial   func(context.Context) (*clientv3.Client, error)
 	opts   Options
+	codec  codec // the layout's
 	log    *slog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -308,20 +394,11 @@ var (
 	_ driver.Stream        = (*stream)(nil)
 )
 
-// value is the stored JSON, etcd naming/endpoints.Endpoint's shape.
-type value struct {
-	Addr     string            `json:"Addr"`
-	Metadata map[string]string `json:"Metadata,omitempty"`
-}
-
 func (b *backend) dir(service string) string { return b.opts.Prefix + service + "/" }
 
 func (b *backend) key(inst driver.Instance) string { return b.dir(inst.Service) + inst.ID }
 
-func encode(inst driver.Instance) (string, error) {
-	v, err := json.Marshal(value{Addr: inst.Addr, Metadata: inst.Metadata})
-	return string(v), err
-}
+func (b *backend) encode(inst driver.Instance) (string, error) { return b.codec.encode(inst) }
 
 // decode turns a key-value under dir into an instance; ok is false for
 // entries that are not ours to read (nested keys) or do not decode.
@@ -330,12 +407,21 @@ func (b *backend) decode(service, dir string, k, v []byte) (driver.Instance, boo
 	if id == "" || strings.Contains(id, "/") {
 		return driver.Instance{}, false
 	}
-	var val value
-	if err := json.Unmarshal(v, &val); err != nil {
-		b.log.Warn("etcd: skipping undecodable value", "key", string(k), "err", err)
+	in, err := b.codec.decode(service, id, v)
+	if err != nil {
+		b.log.Warn("etcd: skipping undecodable value", "key", string(k), "layout", b.opts.Layout, "err", err)
 		return driver.Instance{ID: id}, false
 	}
-	return driver.Instance{Service: service, ID: id, Addr: val.Addr, Metadata: val.Metadata}, true
+	return in, true
+}
+
+// pingKey is the key Ping reads: the prefix, or for a layout whose root is
+// the whole key space (go-zero's), the fence directory's key there.
+func (b *backend) pingKey() string {
+	if b.opts.Prefix == "" {
+		return fenceDir
+	}
+	return b.opts.Prefix
 }
 
 // connect makes the client if the registry was opened from a URL and has
@@ -364,7 +450,7 @@ func (b *backend) Ping(ctx context.Context) error {
 	if err := b.connect(ctx); err != nil {
 		return err
 	}
-	_, err := b.cli.Get(clientv3.WithRequireLeader(ctx), b.opts.Prefix, clientv3.WithCountOnly())
+	_, err := b.cli.Get(clientv3.WithRequireLeader(ctx), b.pingKey(), clientv3.WithCountOnly())
 	return classify(err)
 }
 

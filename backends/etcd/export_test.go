@@ -44,7 +44,7 @@ func StalePut(b driver.Backend, inst driver.Instance) func() (bool, error) {
 	lease := be.sess.id
 	fence := be.fences[lease]
 	be.mu.Unlock()
-	val, _ := encode(inst)
+	val, _ := be.encode(inst)
 	key := be.key(inst)
 	return func() (bool, error) {
 		resp, err := be.putTxn(context.Background(), key, val, lease, clientv3.Compare(clientv3.CreateRevision(key), "=", 0), fence)

@@ -2,7 +2,6 @@ package etcd
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -720,7 +719,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 }
 
 func (b *backend) publish(ctx context.Context, inst driver.Instance) (*publication, error) {
-	val, err := encode(inst)
+	val, err := b.encode(inst)
 	if err != nil {
 		return nil, err
 	}
@@ -915,8 +914,7 @@ func (b *backend) mayTake(kv *mvccpb.KeyValue, addr string) error {
 	if lease == 0 || ours {
 		return nil
 	}
-	var v value
-	_ = json.Unmarshal(kv.Value, &v)
+	v := struct{ Addr string }{b.codec.addr(kv.Value)}
 	if taken {
 		return fmt.Errorf("%w: etcd: %s was taken over by lease %x (address %s); not taking it back", registry.ErrConflict, kv.Key, int64(lease), v.Addr)
 	}
@@ -964,11 +962,11 @@ type publication struct {
 // publication is lost instead and Update returns nil: the registration
 // publishes inst again, under the ownership rules of Publish.
 func (p *publication) Update(ctx context.Context, inst driver.Instance) error {
-	val, err := encode(inst)
+	b := p.b
+	val, err := b.encode(inst)
 	if err != nil {
 		return err
 	}
-	b := p.b
 	// The key must carry the lease and be as this publication last wrote
 	// it: a try of an earlier Update that a frozen member applies late
 	// cannot write over a newer value.

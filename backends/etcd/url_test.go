@@ -19,6 +19,9 @@ func TestOpenURL(t *testing.T) {
 		"etcd://127.0.0.1:1,127.0.0.2:1/team-a?ttl=30s&dial-timeout=1s",
 		"etcd://root:s3cret@127.0.0.1:1/a/b?ttl=5s",
 		"etcd://127.0.0.1:1/?tls=true",
+		"etcd://127.0.0.1:1/?layout=rollcall",
+		"etcd://127.0.0.1:1/?layout=gozero",
+		"etcd://127.0.0.1:1/team-a?layout=kratos&kratos-scheme=http",
 	}
 	for _, u := range good {
 		r, err := registry.Open(ctx, u) // nothing listens on port 1: Open must not care
@@ -31,17 +34,20 @@ func TestOpenURL(t *testing.T) {
 		}
 	}
 	bad := map[string]string{
-		"etcd://":                              "no host",
-		"etcd://h:1/?ttl=10":                   "not a positive duration",
-		"etcd://h:1/?tls=yes":                  "not true or false",
-		"etcd://h:1/?prefix=x":                 "unknown parameter",
-		"etcd://h:1/?ttl=1s&ttl=2s":            "given 2 times",
-		"etcd://h/":                            "not host:port",
-		"etcd://h1,h2:1/":                      "not host:port",
-		"etcd://h:1/a//b":                      "empty or dot segment",
-		"etcd://h:1/?cert=c.pem":               "cert and key go together",
-		"etcd://h:1/?ca=/nonexistent.pem":      "reading CA",
-		"etcd://root:s3cret@h:1/?token=s3cret": "unknown parameter",
+		"etcd://":                                      "no host",
+		"etcd://h:1/?ttl=10":                           "not a positive duration",
+		"etcd://h:1/?tls=yes":                          "not true or false",
+		"etcd://h:1/?prefix=x":                         "unknown parameter",
+		"etcd://h:1/?ttl=1s&ttl=2s":                    "given 2 times",
+		"etcd://h/":                                    "not host:port",
+		"etcd://h1,h2:1/":                              "not host:port",
+		"etcd://h:1/a//b":                              "empty or dot segment",
+		"etcd://h:1/?cert=c.pem":                       "cert and key go together",
+		"etcd://h:1/?ca=/nonexistent.pem":              "reading CA",
+		"etcd://root:s3cret@h:1/?token=s3cret":         "unknown parameter",
+		"etcd://h:1/?layout=zk":                        "not one of rollcall, gozero, kratos",
+		"etcd://h:1/?kratos-scheme=grpc":               "for layout=kratos only",
+		"etcd://h:1/?layout=kratos&kratos-scheme=Grpc": "not a URL scheme",
 	}
 	for u, want := range bad {
 		_, err := registry.Open(ctx, u)

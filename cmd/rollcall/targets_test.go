@@ -29,6 +29,8 @@ current-context: x
 		{"mem://targets/user.rpc", "mem://targets", "user.rpc"},
 		{"etcd://127.0.0.1:2379/user.rpc", "etcd://127.0.0.1:2379", "user.rpc"},
 		{"etcd://h1:2379,h2:2379/team-a/user.rpc?ttl=5s", "etcd://h1:2379,h2:2379/team-a?ttl=5s", "user.rpc"},
+		{"rollcall+etcd://127.0.0.1:2379/user.rpc?layout=gozero", "etcd://127.0.0.1:2379?layout=gozero", "user.rpc"},
+		{"rollcall+etcd://127.0.0.1:2379/helloworld?layout=kratos", "etcd://127.0.0.1:2379?layout=kratos", "helloworld"},
 		{"consul://127.0.0.1:8500/user.rpc?ttl=5s", "consul://127.0.0.1:8500?ttl=5s", "user.rpc"},
 		{"consul:///user.rpc", "consul:///", "user.rpc"},
 		{"nacos://127.0.0.1:8848/user.rpc?namespace=dev", "nacos://127.0.0.1:8848?namespace=dev", "user.rpc"},
