@@ -7,7 +7,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/goleak"
 	"go.uber.org/zap"
 
 	"github.com/rollcall-go/rollcall/backends/etcd"
@@ -15,8 +14,6 @@ import (
 	"github.com/rollcall-go/rollcall/internal/testserver/provider"
 	"github.com/rollcall-go/rollcall/registry"
 )
-
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 type harness struct {
 	t      *testing.T
