@@ -2,6 +2,7 @@ package registry
 
 import (
 	"fmt"
+	"github.com/rollcall-go/rollcall/registry/driver"
 	"maps"
 	"net"
 	"slices"
@@ -246,4 +247,20 @@ func normalize(in Instance) (Instance, error) {
 	in = in.Clone()
 	in.ID = in.Key()
 	return in, nil
+}
+
+// normalize is normalize, and then the backend's own check of what it can
+// store (driver.InstanceChecker): for an instance about to be registered or
+// updated.
+func (r *registry) normalize(in Instance) (Instance, error) {
+	n, err := normalize(in)
+	if err != nil {
+		return Instance{}, err
+	}
+	if c, ok := r.b.(driver.InstanceChecker); ok {
+		if err := c.CheckInstance(driver.Instance(n)); err != nil {
+			return Instance{}, err
+		}
+	}
+	return n, nil
 }

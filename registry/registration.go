@@ -188,10 +188,11 @@ func (g *Registration) supervise() {
 	}
 }
 
-// refusal reports whether err is a refusal (permission, conflict) rather
-// than an outage: those are retried at the slowest backoff.
+// refusal reports whether err is a refusal (permission, conflict, an
+// instance the backend cannot store) rather than an outage: those are
+// retried at the slowest backoff.
 func refusal(err error) bool {
-	return errors.Is(err, ErrPermission) || errors.Is(err, ErrConflict)
+	return errors.Is(err, ErrPermission) || errors.Is(err, ErrConflict) || errors.Is(err, ErrInvalidInstance)
 }
 
 // republish publishes the instance until it succeeds or the registration
@@ -256,7 +257,7 @@ func (g *Registration) Update(ctx context.Context, inst Instance) error {
 	if inst.Service != cur.Service || inst.ID != cur.ID {
 		return opErr("update", cur.Service, invalid("update must keep service %q and ID %q", cur.Service, cur.ID))
 	}
-	inst, err := normalize(inst)
+	inst, err := g.r.normalize(inst)
 	if err != nil {
 		return opErr("update", cur.Service, err)
 	}

@@ -159,7 +159,7 @@ type registry struct {
 var _ Registry = (*registry)(nil)
 
 func (r *registry) Register(ctx context.Context, inst Instance) (*Registration, error) {
-	inst, err := normalize(inst)
+	inst, err := r.normalize(inst)
 	if err != nil {
 		return nil, opErr("register", inst.Service, err)
 	}

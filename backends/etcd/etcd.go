@@ -400,6 +400,12 @@ func (b *backend) key(inst driver.Instance) string { return b.dir(inst.Service) 
 
 func (b *backend) encode(inst driver.Instance) (string, error) { return b.codec.encode(inst) }
 
+// CheckInstance refuses what the layout cannot store (driver.InstanceChecker).
+func (b *backend) CheckInstance(inst driver.Instance) error {
+	_, err := b.codec.encode(inst)
+	return err
+}
+
 // decode turns a key-value under dir into an instance; ok is false for
 // entries that are not ours to read (nested keys) or do not decode.
 func (b *backend) decode(service, dir string, k, v []byte) (driver.Instance, bool) {

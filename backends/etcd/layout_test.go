@@ -140,3 +140,33 @@ func TestGoZeroLayoutRefusesMetadata(t *testing.T) {
 		t.Fatalf("%d keys written (%v)", resp.Count, err)
 	}
 }
+
+// An Update the layout cannot store is refused at once also while the
+// registration is being registered again (when Update only stores the value
+// for the next attempt): before, it was stored, returned nil, and every
+// later attempt failed on it.
+func TestGoZeroLayoutRefusesMetadataWhileRegisteringAgain(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	srv := provider.StartEtcd(t)
+	cli := newClient(t, srv.Endpoint())
+	defer cli.Close()
+	r, err := etcd.New(cli, &etcd.Options{Layout: etcd.LayoutGoZero, TTL: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	in := registry.Instance{Service: "user.rpc", ID: "a", Addr: "127.0.0.1:9001"}
+	reg, err := r.Register(ctx, in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Stop()
+	waitStatus(t, reg, 30*time.Second, "the registration to be retrying", func(st registry.Status) bool { return st.State == registry.Retrying })
+	in.Metadata = map[string]string{"zone": "z1"}
+	if err := reg.Update(ctx, in); !errors.Is(err, registry.ErrInvalidInstance) {
+		t.Fatalf("Update with metadata while retrying = %v; want ErrInvalidInstance", err)
+	}
+	srv.Start()
+	waitStatus(t, reg, 30*time.Second, "the registration to be registered again, with its address only", func(st registry.Status) bool { return st.State == registry.Registered })
+}

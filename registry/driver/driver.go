@@ -145,6 +145,18 @@ type Pinger interface {
 	Ping(ctx context.Context) error
 }
 
+// InstanceChecker is implemented by backends that cannot store every valid
+// instance (an etcd layout that keeps only the address, say). CheckInstance
+// returns an error wrapping registry.ErrInvalidInstance for an instance that
+// Publish and Update would refuse, without a call to the server. Package
+// registry calls it in Register and Update, so that such an instance is
+// refused at once, also while the registration is being registered again
+// (when Update only stores the new value for the next attempt), rather than
+// failing every later attempt.
+type InstanceChecker interface {
+	CheckInstance(inst Instance) error
+}
+
 // ServiceLister is implemented by backends that can list the services of
 // their registry (in the backend's prefix or namespace), as `etcdctl get
 // --prefix`, `consul catalog services` or `kubectl get svc` do. Services
