@@ -103,10 +103,10 @@ func raceCheck(t *testing.T, pattern string) {
 	}
 	dir := t.TempDir()
 	start := time.Now()
-	cmd := exec.Command(exe, "-test.run", pattern, "-test.count=1", "-test.timeout=10m")
+	cmd := exec.Command(exe, "-test.run", pattern, "-test.count=1", "-test.v", "-test.timeout=10m")
 	cmd.Env = append(os.Environ(), childEnv+"=1", "GORACE=halt_on_error=0 log_path="+filepath.Join(dir, "race"))
 	out, runErr := cmd.CombinedOutput()
-	if !strings.Contains(string(out), "ok") && !strings.Contains(string(out), "--- FAIL") {
+	if !strings.Contains(string(out), "--- PASS") && !strings.Contains(string(out), "--- FAIL") {
 		t.Fatalf("the race check of %s ran no test: %v\n%s", pattern, runErr, out)
 	}
 	files, err := filepath.Glob(filepath.Join(dir, "race.*"))
