@@ -18,6 +18,10 @@ func WatchStale(r resolver.Resolver) bool {
 	return g.stale
 }
 
+// HintsServed returns how many ResolveNow hints the resolver has served
+// (with a relist, or with none for a live watch).
+func HintsServed(r resolver.Resolver) int64 { return r.(*grpcResolver).hints.Load() }
+
 // Relists returns how many relists the resolver has begun.
 func Relists(r resolver.Resolver) int64 { return r.(*grpcResolver).relists.Load() }
 

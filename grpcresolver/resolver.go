@@ -108,6 +108,7 @@ type grpcResolver struct {
 	hint    chan struct{} // ResolveNow hints, capacity 1
 	once    sync.Once
 	relists atomic.Int64 // relists begun, for tests
+	hints   atomic.Int64 // ResolveNow hints served (a relist, or none for a live watch)
 
 	mu       sync.Mutex
 	view     []entry        // the watcher's delivered list, sorted by ID
@@ -350,6 +351,7 @@ func (r *grpcResolver) relistLoop() {
 		live := r.watchOK
 		r.mu.Unlock()
 		if live {
+			r.hints.Add(1)
 			continue
 		}
 		last = time.Now()
@@ -357,13 +359,12 @@ func (r *grpcResolver) relistLoop() {
 		ctx, cancel := context.WithTimeout(r.ctx, lookupTimeout)
 		list, err := r.reg.Lookup(ctx, r.service)
 		cancel()
-		if err != nil {
-			if r.ctx.Err() == nil {
-				r.log.Debug("grpcresolver: relist failed; keeping the last list", "service", r.service, "err", err)
-			}
-			continue
+		if err == nil {
+			r.onRelist(list)
+		} else if r.ctx.Err() == nil {
+			r.log.Debug("grpcresolver: relist failed; keeping the last list", "service", r.service, "err", err)
 		}
-		r.onRelist(list)
+		r.hints.Add(1)
 	}
 }
 

@@ -366,7 +366,10 @@ func TestRelistIsUsedWhileTheWatchIsStale(t *testing.T) {
 		"rollcall:///svc", cc, resolver.BuildOptions{})
 	waitFor(t, 5*time.Second, "a, b", func() bool { return equalStrings(cc.ids(), []string{"a", "b"}) })
 	r.ResolveNow(resolver.ResolveNowOptions{})
-	time.Sleep(200 * time.Millisecond) // the relist of a live watch changes nothing
+	waitFor(t, 5*time.Second, "the hint to be served", func() bool { return grpcresolver.HintsServed(r) >= 1 })
+	if n := grpcresolver.Relists(r); n != 0 {
+		t.Fatalf("a hint to a live watch made %d relists, want none", n)
+	}
 	if got := cc.ids(); !equalStrings(got, []string{"a", "b"}) {
 		t.Fatalf("a relist overrode a live watch: %v", got)
 	}
