@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -434,4 +435,55 @@ func TestServiceWritesInFlightAreBounded(t *testing.T) {
 		t.Fatalf("%d service writes were in flight at once, want 1 to %d", got, consul.MaxWrites)
 	}
 	t.Logf("at most %d of %d service writes in flight", tr.svcMax.Load(), 2*n+1)
+}
+
+// Deregister returns once the instance is gone from what Lookup and Watch
+// read (the catalog): another client's Lookup right after Deregister
+// returned never lists it, with eight registrars at once keeping the agent
+// busy. (The CI failure this guards against, in
+// DeregisterDuringOutageCompletesWhenServerReturns, came from a
+// deregistration the agent applied after its request had timed out: the
+// retry found the agent's own state without the service while the catalog
+// still listed it. This test passes without the fix too; the conformance
+// property is the one that failed.)
+func TestLookupAfterDeregisterDoesNotListIt(t *testing.T) {
+	srv := testserver.StartConsulServer(t)
+	other, _ := newRegistry(t, srv.Addr(), consul.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	const workers, rounds = 8, 10
+	var listed, total atomic.Int64
+	var wg sync.WaitGroup
+	for w := range workers {
+		r, _ := newRegistry(t, srv.Addr(), consul.Options{})
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range rounds {
+				id := fmt.Sprintf("w%d-%02d", w, i)
+				reg, err := r.Register(ctx, registry.Instance{Service: "gone", ID: id, Addr: fmt.Sprintf("127.0.0.1:%d", 20000+w*100+i)})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if err := reg.Deregister(ctx); err != nil {
+					t.Error(err)
+					return
+				}
+				got, err := other.Lookup(ctx, "gone")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				total.Add(1)
+				if slices.ContainsFunc(got, func(in registry.Instance) bool { return in.ID == id }) {
+					listed.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n := listed.Load(); n > 0 {
+		t.Fatalf("in %d of %d rounds another client's Lookup right after Deregister returned still listed the instance", n, total.Load())
+	}
 }

@@ -89,6 +89,7 @@ type publication struct {
 	b           *backend
 	sess        *session
 	sid, cid    string // Consul service ID and its alias check's ID
+	name        string // Consul service name
 
 	live bool // registered on the agent; guarded by b.mu
 	// stuck counts consecutive renewal rounds that found the instance's
@@ -263,7 +264,7 @@ func (b *backend) Publish(ctx context.Context, inst driver.Instance) (driver.Pub
 	if err := b.claim(ctx, ss, reg); err != nil {
 		return nil, err
 	}
-	p := &publication{b: b, sess: ss, sid: reg.ID, cid: reg.Check.CheckID}
+	p := &publication{b: b, sess: ss, sid: reg.ID, cid: reg.Check.CheckID, name: reg.Name}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -508,6 +509,33 @@ func (b *backend) visible(ctx context.Context, ss *session, reg *api.AgentServic
 	}
 }
 
+// invisible waits until the catalog no longer lists the service sid of this
+// agent's node, passing or not, as visible waits for it to be listed.
+func (b *backend) invisible(ctx context.Context, ss *session, name, sid string) error {
+	filter := fmt.Sprintf("Service.ID == %q", sid)
+	if ss.node != "" {
+		filter += fmt.Sprintf(" and Node.Node == %q", ss.node)
+	}
+	var index uint64
+	for {
+		qctx, cancel := b.bound(ctx, b.wait+b.wait/16+time.Second)
+		q := &api.QueryOptions{Filter: filter, Datacenter: ss.dc, Near: "_agent", WaitIndex: index, WaitTime: b.wait}
+		entries, meta, err := b.c.Health().Service(name, "", false, q.WithContext(qctx))
+		cancel()
+		if err != nil {
+			return b.wrap(ctx, "waiting for "+sid+" to leave the catalog", err)
+		}
+		if len(entries) == 0 {
+			return nil
+		}
+		if idx := max(meta.LastIndex, 1); idx < index {
+			index = 0
+		} else {
+			index = idx
+		}
+	}
+}
+
 // synced reports whether the catalog entry e is the registration reg.
 func synced(e *api.ServiceEntry, reg *api.AgentServiceRegistration) bool {
 	s := e.Service
@@ -550,6 +578,14 @@ func (p *publication) Withdraw(ctx context.Context) error {
 		if err != nil && !isStatus(err, 404) { // 404: already gone
 			return b.wrap(ctx, "deregister", err)
 		}
+	}
+	// List and Watch read the catalog, which the agent updates after its
+	// own state: a deregistration it applied after its request timed out
+	// (a paused agent) leaves its state without the service while the
+	// catalog still lists it, and the retry finds nothing to deregister.
+	// Withdraw returns once List and Watch would no longer see it.
+	if err := b.invisible(ctx, p.sess, p.name, p.sid); err != nil {
+		return err
 	}
 	b.forget(p)
 	b.mu.Lock()
