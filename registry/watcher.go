@@ -31,9 +31,11 @@ type Watcher struct {
 	stop    func() bool // stops the AfterFunc of Watch's context; set under r.mu
 
 	// Guarded by f.mu. What the Watcher delivered is the feed's history
-	// up to a position: h's base and h.log[:pos] (nothing before first).
-	h         *history
+	// up to a position: its base and log[:pos] (nothing before first),
+	// except the IDs in pend, which hold what it delivered of those that
+	// changed before the history was replaced.
 	pos       int
+	pend      map[string]delivered
 	first     bool // the first update has been delivered
 	announce  bool // deliver an update even if nothing else changed (the stale reason did)
 	lastStale bool // Stale of the last delivered update
@@ -49,12 +51,19 @@ type Watcher struct {
 // the updates it delivered share base and a prefix of log), so an extra
 // Watcher costs the same whatever the size of the list. When the log
 // outgrows half the list the feed starts a new history from its list; a
-// Watcher behind follows next to it.
+// Watcher behind then keeps what it delivered of the IDs changed since
+// (pend), as many as changed, never more than the list.
 type history struct {
 	base map[string]Instance
 	log  []change
 	last map[string]int // index in log of each ID's last change
-	next *history       // the history that replaced this one, nil for the current
+}
+
+// delivered is the value of an ID that a Watcher delivered; had is false if
+// it delivered none (or its removal).
+type delivered struct {
+	inst Instance
+	had  bool
 }
 
 // at returns the value of id after log[:pos]: ok is false if it was absent.
@@ -232,8 +241,22 @@ func (f *feed) compactLocked() {
 	if len(f.h.log) <= len(f.known)/2+64 {
 		return
 	}
-	h := &history{base: maps.Clone(f.known), last: map[string]int{}}
-	f.h.next, f.h = h, h
+	old := f.h
+	for w := range f.subs {
+		if w.first {
+			for _, c := range old.log[w.pos:] {
+				if _, ok := w.pend[c.id]; !ok {
+					if w.pend == nil {
+						w.pend = map[string]delivered{}
+					}
+					in, had := old.at(c.id, w.pos)
+					w.pend[c.id] = delivered{in, had}
+				}
+			}
+		}
+		w.pos = 0
+	}
+	f.h = &history{base: maps.Clone(f.known), last: map[string]int{}}
 }
 
 // announceLocked makes every Watcher deliver an update even if no instance
@@ -613,7 +636,7 @@ func (w *Watcher) take() (Update, bool) {
 		return Update{}, false
 	}
 	cur := w.f.h
-	if w.first && w.h == cur && w.pos == len(cur.log) && w.f.stale == w.lastStale && !w.announce {
+	if w.first && w.pos == len(cur.log) && len(w.pend) == 0 && w.f.stale == w.lastStale && !w.announce {
 		return Update{}, false
 	}
 	u := Update{Stale: w.f.stale, Err: w.f.err, Synced: true, Snapshot: w.f.snapAt}
@@ -622,33 +645,37 @@ func (w *Watcher) take() (Update, bool) {
 			u.Added = append(u.Added, in.Clone())
 		}
 	} else {
-		// The IDs changed since the Watcher's position, in its history and
-		// in those that replaced it; each compared once, at its final state.
-		seen := map[string]bool{}
-		for h, pos := w.h, w.pos; h != nil; h, pos = h.next, 0 {
-			for _, c := range h.log[pos:] {
-				if seen[c.id] {
-					continue
-				}
-				seen[c.id] = true
-				old, had := w.h.at(c.id, w.pos)
-				now, has := w.f.known[c.id]
-				switch {
-				case has && !had:
-					u.Added = append(u.Added, now.Clone())
-				case has && had && !old.Equal(now):
-					u.Changed = append(u.Changed, now.Clone())
-				case !has && had:
-					u.Removed = append(u.Removed, old)
-				}
+		// The IDs changed since the Watcher's position (and those pending
+		// from before the history was replaced), each compared once, at its
+		// final state, with what the Watcher delivered of it.
+		diff := func(id string, old Instance, had bool) {
+			now, has := w.f.known[id]
+			switch {
+			case has && !had:
+				u.Added = append(u.Added, now.Clone())
+			case has && had && !old.Equal(now):
+				u.Changed = append(u.Changed, now.Clone())
+			case !has && had:
+				u.Removed = append(u.Removed, old)
 			}
 		}
+		for id, d := range w.pend {
+			diff(id, d.inst, d.had)
+		}
+		for i, c := range cur.log[w.pos:] {
+			if _, ok := w.pend[c.id]; ok || cur.last[c.id] != w.pos+i {
+				continue // compared already, or changed again later
+			}
+			old, had := cur.at(c.id, w.pos)
+			diff(c.id, old, had)
+		}
+		w.pend = nil
 		if len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.f.stale == w.lastStale && !w.announce {
-			w.h, w.pos = cur, len(cur.log)
+			w.pos = len(cur.log)
 			return Update{}, false
 		}
 	}
-	w.h, w.pos = cur, len(cur.log)
+	w.pos = len(cur.log)
 	w.noteStaleLocked(w.f.stale)
 	w.first, w.lastStale, w.announce = true, w.f.stale, false
 	w.f.r.met.update(w.service)
