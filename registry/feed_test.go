@@ -136,3 +136,121 @@ func TestStaleChangedWithoutNext(t *testing.T) {
 		t.Fatalf("Stale() = %v, %v after the resume", stale, err)
 	}
 }
+
+// Watchers that read at different paces over many changes (the feed's
+// history is replaced several times meanwhile) each get updates whose
+// Added, Changed and Removed are exactly the difference from what they
+// delivered before, whose Instances() is that list, and end with the
+// registry's list.
+func TestWatchersAtDifferentPacesGetExactDiffs(t *testing.T) {
+	srv := memory.NewServer()
+	writer := memory.New(srv, &memory.Options{TTL: time.Hour})
+	t.Cleanup(func() { writer.Close() })
+	reader := memory.New(srv, &memory.Options{TTL: time.Hour})
+	t.Cleanup(func() { reader.Close() })
+	ctx := testCtx(t)
+
+	type model map[string]registry.Instance
+	check := func(name string, m model, u registry.Update) {
+		t.Helper()
+		for _, in := range u.Removed {
+			if old, ok := m[in.ID]; !ok || !old.Equal(in) {
+				t.Fatalf("%s: removed %v, delivered before as %v (%v)", name, in, old, ok)
+			}
+			delete(m, in.ID)
+		}
+		for _, in := range u.Changed {
+			if old, ok := m[in.ID]; !ok || old.Equal(in) {
+				t.Fatalf("%s: changed %v, delivered before as %v (%v)", name, in, old, ok)
+			}
+			m[in.ID] = in
+		}
+		for _, in := range u.Added {
+			if old, ok := m[in.ID]; ok {
+				t.Fatalf("%s: added %v, delivered before as %v", name, in, old)
+			}
+			m[in.ID] = in
+		}
+		got := u.Instances()
+		if len(got) != len(m) {
+			t.Fatalf("%s: Instances() has %d, the diffs make %d", name, len(got), len(m))
+		}
+		for _, in := range got {
+			if !m[in.ID].Equal(in) {
+				t.Fatalf("%s: Instances() has %v, the diffs make %v", name, in, m[in.ID])
+			}
+		}
+	}
+	paces := []int{1, 37, 1000} // read after every change, every 37th, at the end
+	ws := make([]*registry.Watcher, len(paces))
+	models := make([]model, len(paces))
+	for i := range ws {
+		w, err := reader.Watch(ctx, "s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		u, err := w.Next(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ws[i], models[i] = w, model{}
+		check("first", models[i], u)
+	}
+	// drain reads w until its model is the writer's list.
+	drain := func(i int) {
+		t.Helper()
+		want, err := writer.Lookup(ctx, "s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		exact := func() bool {
+			if len(models[i]) != len(want) {
+				return false
+			}
+			for _, in := range want {
+				if !models[i][in.ID].Equal(in) {
+					return false
+				}
+			}
+			return true
+		}
+		for !exact() {
+			u, err := ws[i].Next(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			check("watcher "+string(rune('A'+i)), models[i], u)
+		}
+	}
+	regs := map[string]*registry.Registration{}
+	for op := range 600 {
+		id := string(rune('a' + op*7%26))
+		in := registry.Instance{Service: "s", ID: id, Addr: "127.0.0.1:1", Metadata: map[string]string{"op": string(rune('0' + op%10))}}
+		switch g := regs[id]; {
+		case g == nil:
+			g, err := writer.Register(ctx, in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			regs[id] = g
+		case op%3 == 0:
+			if err := g.Deregister(ctx); err != nil {
+				t.Fatal(err)
+			}
+			delete(regs, id)
+		default:
+			if err := g.Update(ctx, in); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i, p := range paces {
+			if (op+1)%p == 0 {
+				drain(i)
+			}
+		}
+	}
+	for i := range paces {
+		drain(i)
+	}
+}

@@ -30,23 +30,73 @@ type Watcher struct {
 	once    sync.Once
 	stop    func() bool // stops the AfterFunc of Watch's context; set under r.mu
 
-	// Guarded by f.mu.
-	dirty     map[string]struct{} // IDs changed since the last delivery
-	announce  bool                // deliver an update even if nothing else changed (the stale reason did)
-	lastStale bool                // Stale of the last delivered update
+	// Guarded by f.mu. What the Watcher delivered is the feed's history
+	// up to a position: its base and log[:pos] (nothing before first),
+	// except the IDs in pend, which hold what it delivered of those that
+	// changed before the history was replaced.
+	pos       int
+	pend      map[string]delivered
+	first     bool // the first update has been delivered
+	announce  bool // deliver an update even if nothing else changed (the stale reason did)
+	lastStale bool // Stale of the last delivered update
 	closed    bool
 	staleAt   time.Time // when the delivered updates turned stale (with metrics only)
 
-	nextMu    sync.Mutex // one Next at a time; guards the fields below
-	delivered map[string]Instance
-	first     bool // the first update has been delivered
-	base      map[string]Instance
-	log       []change
+	nextMu sync.Mutex // one Next at a time
+}
+
+// history is the feed's list as every Watcher of the feed delivers it: a
+// base, never written once made, and an append-only log of changes since,
+// whose entries never change. A Watcher keeps only its position in it (and
+// the updates it delivered share base and a prefix of log), so an extra
+// Watcher costs the same whatever the size of the list. When the log
+// outgrows half the list the feed starts a new history from its list; a
+// Watcher behind then keeps what it delivered of the IDs changed since
+// (pend), as many as changed, never more than the list.
+type history struct {
+	base map[string]Instance
+	log  []change
+	last map[string]int // index in log of each ID's last change
+}
+
+// delivered is the value of an ID that a Watcher delivered; had is false if
+// it delivered none (or its removal).
+type delivered struct {
+	inst Instance
+	had  bool
+}
+
+// at returns the value of id after log[:pos]: ok is false if it was absent.
+func (h *history) at(id string, pos int) (Instance, bool) {
+	i, ok := h.last[id]
+	if !ok {
+		in, ok := h.base[id]
+		return in, ok
+	}
+	for i >= pos {
+		if i = h.log[i].prev; i < 0 {
+			in, ok := h.base[id]
+			return in, ok
+		}
+	}
+	c := h.log[i]
+	return c.inst, !c.del
+}
+
+// record appends the change of id to known's value (absent: removed).
+func (h *history) record(id string, in Instance, present bool) {
+	prev, ok := h.last[id]
+	if !ok {
+		prev = -1
+	}
+	h.last[id] = len(h.log)
+	h.log = append(h.log, change{id: id, inst: in, del: !present, prev: prev})
 }
 
 // feed is the backend watch of one service in a registry, shared by every
 // Watcher of the service: one backend stream, one known list, one freeze,
-// resync grace and snapshot; each Watcher keeps only what it has delivered.
+// resync grace and snapshot, and the history of the list that the Watchers
+// deliver from; each Watcher keeps only its position in it.
 type feed struct {
 	r       *registry
 	service string
@@ -57,6 +107,7 @@ type feed struct {
 	mu       sync.Mutex
 	subs     map[*Watcher]struct{}
 	known    map[string]Instance // the backend's latest view
+	h        *history            // known as the Watchers deliver it: known is h's base and log applied
 	synced   bool                // known holds a complete list
 	stale    bool
 	err      error
@@ -76,6 +127,7 @@ type change struct {
 	id   string
 	inst Instance
 	del  bool
+	prev int // the index of the previous change of id in its history's log; -1: base
 }
 
 // Update is what Watcher.Next delivers.
@@ -153,7 +205,8 @@ func sortByID(s []Instance) {
 func newFeed(r *registry, service string) *feed {
 	ctx, cancel := context.WithCancel(r.ctx)
 	f := &feed{r: r, service: service, ctx: ctx, cancel: cancel, done: make(chan struct{}),
-		subs: map[*Watcher]struct{}{}, known: map[string]Instance{}, pre: map[string]bool{}, held: map[string]bool{}, staleCh: make(chan struct{})}
+		subs: map[*Watcher]struct{}{}, known: map[string]Instance{}, pre: map[string]bool{}, held: map[string]bool{}, staleCh: make(chan struct{}),
+		h: &history{last: map[string]int{}}}
 	if r.opts.Snapshot.Dir != "" {
 		f.snapWake = make(chan struct{}, 1)
 		if list, written, ok := r.loadSnapshot(service); ok {
@@ -166,23 +219,44 @@ func newFeed(r *registry, service string) *feed {
 // subscribe adds a new Watcher to f: what f knows is pending for it, so
 // that a Watcher that starts late gets the list at once.
 func (f *feed) subscribe() *Watcher {
-	w := &Watcher{f: f, service: f.service, done: make(chan struct{}), notify: make(chan struct{}, 1),
-		dirty: map[string]struct{}{}, delivered: map[string]Instance{}}
+	w := &Watcher{f: f, service: f.service, done: make(chan struct{}), notify: make(chan struct{}, 1)}
 	f.mu.Lock()
 	f.subs[w] = struct{}{}
-	for id := range f.known {
-		w.dirty[id] = struct{}{}
-	}
 	f.mu.Unlock()
 	w.wake()
 	return w
 }
 
-// markLocked records that id changed, for every Watcher. Called under mu.
+// markLocked records in the history that id changed to its value in known
+// (or was removed from it), for every Watcher. Called under mu.
 func (f *feed) markLocked(id string) {
-	for w := range f.subs {
-		w.dirty[id] = struct{}{}
+	in, ok := f.known[id]
+	f.h.record(id, in, ok)
+}
+
+// compactLocked starts a new history from known once the log has outgrown
+// half of it, so that the memory and the work per update stay proportional
+// to what changed. Called under mu.
+func (f *feed) compactLocked() {
+	if len(f.h.log) <= len(f.known)/2+64 {
+		return
 	}
+	old := f.h
+	for w := range f.subs {
+		if w.first {
+			for _, c := range old.log[w.pos:] {
+				if _, ok := w.pend[c.id]; !ok {
+					if w.pend == nil {
+						w.pend = map[string]delivered{}
+					}
+					in, had := old.at(c.id, w.pos)
+					w.pend[c.id] = delivered{in, had}
+				}
+			}
+		}
+		w.pos = 0
+	}
+	f.h = &history{base: maps.Clone(f.known), last: map[string]int{}}
 }
 
 // announceLocked makes every Watcher deliver an update even if no instance
@@ -381,6 +455,7 @@ func (f *feed) endGrace(gen int) {
 	clear(f.pre)
 	clear(f.held)
 	f.stale, f.err = false, nil
+	f.compactLocked()
 	f.wakeLocked()
 	f.wakeSnapshots()
 }
@@ -501,6 +576,7 @@ func (f *feed) apply(ev driver.Event) {
 		}
 	}
 	// Each Watcher's take finds out whether it has something to deliver.
+	f.compactLocked()
 	f.wakeLocked()
 	f.wakeSnapshots()
 }
@@ -559,48 +635,55 @@ func (w *Watcher) take() (Update, bool) {
 		}
 		return Update{}, false
 	}
-	if w.first && len(w.dirty) == 0 && w.f.stale == w.lastStale && !w.announce {
+	cur := w.f.h
+	if w.first && w.pos == len(cur.log) && len(w.pend) == 0 && w.f.stale == w.lastStale && !w.announce {
 		return Update{}, false
 	}
 	u := Update{Stale: w.f.stale, Err: w.f.err, Synced: true, Snapshot: w.f.snapAt}
-	for id := range w.dirty {
-		old, had := w.delivered[id]
-		cur, has := w.f.known[id]
-		switch {
-		case has && !had:
-			u.Added = append(u.Added, cur.Clone())
-		case has && had && !old.Equal(cur):
-			u.Changed = append(u.Changed, cur.Clone())
-		case !has && had:
-			u.Removed = append(u.Removed, old)
-		default:
-			continue
+	if !w.first {
+		for _, in := range w.f.known {
+			u.Added = append(u.Added, in.Clone())
 		}
-		if has {
-			w.delivered[id] = cur
-			w.log = append(w.log, change{id: id, inst: cur})
-		} else {
-			delete(w.delivered, id)
-			w.log = append(w.log, change{id: id, del: true})
+	} else {
+		// The IDs changed since the Watcher's position (and those pending
+		// from before the history was replaced), each compared once, at its
+		// final state, with what the Watcher delivered of it.
+		diff := func(id string, old Instance, had bool) {
+			now, has := w.f.known[id]
+			switch {
+			case has && !had:
+				u.Added = append(u.Added, now.Clone())
+			case has && had && !old.Equal(now):
+				u.Changed = append(u.Changed, now.Clone())
+			case !has && had:
+				u.Removed = append(u.Removed, old)
+			}
+		}
+		for id, d := range w.pend {
+			diff(id, d.inst, d.had)
+		}
+		for i, c := range cur.log[w.pos:] {
+			if _, ok := w.pend[c.id]; ok || cur.last[c.id] != w.pos+i {
+				continue // compared already, or changed again later
+			}
+			old, had := cur.at(c.id, w.pos)
+			diff(c.id, old, had)
+		}
+		w.pend = nil
+		if len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.f.stale == w.lastStale && !w.announce {
+			w.pos = len(cur.log)
+			return Update{}, false
 		}
 	}
-	clear(w.dirty)
-	if w.first && len(u.Added)+len(u.Changed)+len(u.Removed) == 0 && w.f.stale == w.lastStale && !w.announce {
-		return Update{}, false
-	}
+	w.pos = len(cur.log)
 	w.noteStaleLocked(w.f.stale)
 	w.first, w.lastStale, w.announce = true, w.f.stale, false
 	w.f.r.met.update(w.service)
 	sortByID(u.Added)
 	sortByID(u.Changed)
 	sortByID(u.Removed)
-	// The update shares base and a prefix of log, which are never written
-	// again; rebuilding base once the log outgrows half of it keeps both the
-	// memory and the work per update proportional to what changed.
-	if len(w.log) > len(w.delivered)/2+64 {
-		w.base = maps.Clone(w.delivered)
-		w.log = nil
-	}
-	u.base, u.log = w.base, w.log[:len(w.log):len(w.log)]
+	// The update shares the history's base and a prefix of its log, which
+	// are never written again.
+	u.base, u.log = cur.base, cur.log[:w.pos:w.pos]
 	return u, true
 }

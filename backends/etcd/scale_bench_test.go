@@ -130,7 +130,7 @@ func BenchmarkFanout(b *testing.B) {
 						}()
 					}
 					if consumers > 1 {
-						heapPer = float64(heapInUse()-h0) / float64(consumers-1)
+						heapPer = (float64(heapInUse()) - float64(h0)) / float64(consumers-1)
 					}
 				case "raw":
 					cli := newClient(b, srv.Endpoint())
@@ -203,7 +203,7 @@ func BenchmarkFanout(b *testing.B) {
 				b.ReportMetric(float64(cpu.Microseconds())/float64(b.N*changes), "cpu-us/change")
 				b.ReportMetric(float64(watchers), "server-watchers")
 				b.ReportMetric(events/float64(b.N*changes), "server-events/change")
-				if heapPer > 0 {
+				if consumers > 1 && who == "rollcall" {
 					b.ReportMetric(heapPer, "heap-B/extra-watcher")
 				}
 			})
@@ -407,7 +407,7 @@ func BenchmarkLargeService(b *testing.B) {
 					}
 				}
 				first := time.Since(t0)
-				heap := float64(heapInUse()-h0) / float64(n)
+				heap := (float64(heapInUse()) - float64(h0)) / float64(n)
 				var cpu time.Duration
 				b.ResetTimer()
 				for i := range b.N {
@@ -509,7 +509,7 @@ func BenchmarkManyServices(b *testing.B) {
 				}
 			}
 			first := time.Since(t0)
-			heap := float64(heapInUse()-h0) / services
+			heap := (float64(heapInUse()) - float64(h0)) / services
 			watchers := serverWatchers(b, srv.Endpoint()) - watchers0
 			var cpu time.Duration
 			b.ResetTimer()
