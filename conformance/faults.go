@@ -373,7 +373,14 @@ func testDeregisterDuringOutage(t *testing.T, h Harness) {
 			if reg.Status().State != registry.Deregistered {
 				continue
 			}
-			ids := lookupIDsQuiet(obs, svc)
+			// Asked of a client made now, which reads the registry's own
+			// state: a client that went through the outage may still
+			// answer from what it was last sent (Nacos: the SDK's cache,
+			// until the server pushes again), and that lag is the
+			// watcher's property below, not the withdrawal's.
+			fresh := open(t, h)
+			ids := lookupIDsQuiet(fresh, svc)
+			_ = fresh.Close()
 			if ids == nil {
 				continue // Lookup failed: ask again
 			}
