@@ -91,8 +91,9 @@
 // an agent restart can miss the session's edge: registering it again
 // restarts it; ErrCheckStuck). A renewal the ACLs refuse loses
 // the session with registry.ErrPermission. Deregister removes the service from
-// the agent at once, unless another registrar holds it by then; it may be
-// repeated after it failed. Close removes the session, or fails its check if
+// the agent at once, unless another registrar holds it by then, and returns
+// once the catalog no longer lists it (as Register returns once it does); it
+// may be repeated after it failed. Close removes the session, or fails its check if
 // a withdrawal failed, so that what is left is critical at once (the agent
 // does not re-evaluate an alias check when its aliased service goes; a lost
 // session is failed, not removed, for the same reason, and Consul reaps it
